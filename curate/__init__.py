@@ -1,0 +1,39 @@
+"""curate: turn raw web image-text pairs into a clean training corpus.
+
+``curate.run(config_or_path, **overrides)`` runs a pipeline; every stage can
+also be called on a ``pyarrow.Table`` (``curate.stage("download", image_size=128)(table)``).
+Importing curate is cheap: torch, ray and faiss are imported only by the code that needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # pragma: no cover
+    from curate.pipeline import RunResult
+    from curate.stage import Stage
+
+
+def run(config: Any, **overrides: Any) -> "RunResult":
+    """Run the pipeline a config (path, dict or Config) describes; see ``curate.pipeline.run``."""
+    from curate.pipeline import run as _run
+
+    return _run(config, **overrides)
+
+
+def load_config(config: Any, **overrides: Any):
+    from curate.config import load_config as _load
+
+    return _load(config, overrides or None)
+
+
+def stage(name: str, **params: Any) -> "Stage":
+    """A configured stage, ready to be called on a ``pyarrow.Table``."""
+    from curate import registry
+
+    return registry.create({"stage": name, **params})
+
+
+__all__ = ["run", "load_config", "stage", "__version__"]

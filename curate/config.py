@@ -1,0 +1,185 @@
+"""The typed configuration of a run (pydantic), validated before any work starts."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from curate import registry
+from curate.stage import StageParams
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Strict):
+    path: str = Field(description="file, directory or glob of parquet/csv/jsonl (optionally .gz)")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    uid_col: str | None = Field(None, description="column holding a unique id; else uid = hash(url, caption)")
+    shard_size: int = Field(10_000, ge=1, description="rows per work shard (and output file)")
+
+
+class OutputConfig(_Strict):
+    path: str
+    overwrite: bool = Field(False, description="delete an existing output made with another config")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+class RunnerConfig(_Strict):
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="existing Ray cluster ('auto' or ray://...); none: start one")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a locally started Ray instance")
+    object_store_memory: int | None = Field(None, ge=75 * 1024**2, description="bytes, local Ray only")
+
+
+class Config(_Strict):
+    input: InputConfig
+    output: OutputConfig
+    runner: RunnerConfig = RunnerConfig()
+    stages: list[StageParams] = Field(default_factory=list)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stage_params(cls, value: Any) -> list[StageParams]:
+        if not isinstance(value, list):
+            raise ValueError("stages must be a list of {stage: NAME, ...} items")
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, StageParams):
+                out.append(item)
+                continue
+            if not isinstance(item, dict) or "stage" not in item:
+                raise ValueError(f"item {i} needs a 'stage:' key naming a registered stage")
+            try:
+                stage_cls = registry.get(str(item["stage"]))
+            except KeyError as e:
+                raise ValueError(f"item {i}: {e.args[0]}") from None
+            try:
+                out.append(stage_cls.Params.model_validate(item))
+            except ValidationError as e:
+                raise ValueError(f"item {i} ({item['stage']}): {_one_line(e)}") from None
+        ids = [p.id or p.stage for p in out]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"stage ids must be unique; give 'id:' to repeated stages {sorted(dup)}")
+        return out
+
+    def stage_ids(self) -> list[str]:
+        return [p.id or p.stage for p in self.stages]
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json")
+        data["stages"] = [p.model_dump(mode="json") for p in self.stages]
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def work_hash(self) -> str:
+        """Hash of everything that changes the output (not the runner)."""
+        data = json.loads(json.dumps(self.model_dump(mode="json"), sort_keys=True))
+        data["stages"] = [p.model_dump(mode="json") for p in self.stages]
+        for p in data["stages"]:
+            for k in ("num_cpus", "num_gpus", "concurrency"):
+                p.pop(k, None)
+        data.pop("runner", None)
+        data["output"].pop("overwrite", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _one_line(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``a.b.c``; list items by index or by stage id/name."""
+    keys = dotted.split(".")
+    node: Any = data
+    for depth, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, key, ".".join(keys[: depth + 1]))]
+        else:
+            if key not in node or node[key] is None:
+                node[key] = {}
+            node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, dotted)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {dotted}: {'.'.join(keys[:-1])} is not a mapping")
+
+
+def _list_index(node: list, key: str, where: str) -> int:
+    if key.lstrip("-").isdigit():
+        i = int(key)
+        if -len(node) <= i < len(node):
+            return i
+        raise ConfigError(f"--set {where}: index {i} out of range ({len(node)} items)")
+    for i, item in enumerate(node):
+        if isinstance(item, dict) and key in (item.get("id"), item.get("stage")):
+            return i
+    raise ConfigError(f"--set {where}: no list item with id or stage {key!r}")
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _parse_value(v)
+    return out
+
+
+def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, override and validate a config; raise ConfigError with a one-line message."""
+    if isinstance(source, Config):
+        if not overrides:
+            return source
+        source = json.loads(json.dumps({**source.model_dump(mode="json"),
+                                        "stages": [p.model_dump(mode="json", exclude_none=True)
+                                                   for p in source.stages]}))
+    name = "config"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        name = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    else:
+        data = copy.deepcopy(source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: the config must be a mapping with input, output, runner, stages")
+    for key, value in (overrides or {}).items():
+        apply_override(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{name}: {_one_line(e)}") from None

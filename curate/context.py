@@ -1,0 +1,70 @@
+"""What a global stage's ``fit`` gets: where its input shards are, and how to run things in parallel."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitContext:
+    #: parquet files holding every row (rejected ones too) that reaches the stage
+    paths: list[str]
+    #: a directory private to this stage where it may write its state (kept for resume)
+    work_dir: Path
+    #: "local" or "ray"
+    runner: str = "local"
+    #: how many tasks the runner can run at once
+    parallelism: int = 1
+    #: total rows in ``paths``
+    total_rows: int | None = None
+    _keep: list[Any] = field(default_factory=list, repr=False)
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], num_cpus: float = 1.0,
+            num_gpus: float = 0.0) -> list[Any]:
+        """``[fn(x) for x in items]``, as Ray tasks under the Ray runner (order kept)."""
+        items = list(items)
+        if self.runner != "ray" or len(items) <= 1:
+            return [fn(x) for x in items]
+        import ray
+
+        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
+        return ray.get([remote.remote(x) for x in items])
+
+    def duckdb(self, threads: int | None = None):
+        """A fresh in-memory DuckDB connection that spills to ``work_dir``."""
+        import duckdb
+
+        con = duckdb.connect(config={"temp_directory": str(self.work_dir / "duckdb_tmp")})
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
+        return con
+
+    def parquet_list_sql(self) -> str:
+        """The input files as a DuckDB list literal for ``read_parquet(...)``."""
+        quoted = ", ".join("'" + p.replace("'", "''") + "'" for p in self.paths)
+        return f"[{quoted}]"
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "FitContext":
+        """For notebooks: a context over one in-memory table (written to a temp file)."""
+        import pyarrow.parquet as pq
+
+        from curate import schema as S
+
+        tmp = tempfile.TemporaryDirectory(prefix="curate-fit-")
+        if S.SHARD not in table.column_names:
+            table = table.append_column(S.SHARD, pa.array(["notebook"] * table.num_rows, pa.string()))
+        path = Path(tmp.name) / "table.parquet"
+        pq.write_table(table, path)
+        ctx = cls([str(path)], Path(tmp.name) / "state", total_rows=table.num_rows)
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        ctx._keep.append(tmp)
+        return ctx

@@ -1,0 +1,196 @@
+"""Ingest: read the input files, give every row a uid, reject rows that are bad
+on their own (missing/invalid url or caption, malformed lines) and cut the rows
+into work shards of ``input.shard_size`` rows.
+
+Shard ids are ``FFFFF-CCCCC`` (input file index, chunk index), so ingest of
+different files can run in parallel and the shard ids never depend on timing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate import schema as S
+from curate.config import InputConfig
+from curate.io.files import InputError, format_of, write_parquet_atomic
+from curate.io.reader import ROW, Malformed, RawBatch, bad_type_column, input_columns, iter_raw
+from curate.table_ops import mark_rejected, stable_uid
+
+log = logging.getLogger(__name__)
+
+STAGE_ID = "input"
+ALLOWED_SCHEMES = ("http", "https")
+
+
+@dataclass
+class ShardInfo:
+    shard: str
+    rows: int
+    path: str
+
+
+def check_input(files: list[Path], cfg: InputConfig) -> dict[str, list[str]]:
+    """Fail early, naming the file and column, when an input file lacks a needed column."""
+    needed = [cfg.url_col, cfg.caption_col] + ([cfg.uid_col] if cfg.uid_col else [])
+    found = {}
+    for f in files:
+        fmt = format_of(f, cfg.format)
+        cols = input_columns(f, fmt)
+        if not cols:
+            log.warning("%s: empty input file (no rows)", f)
+            found[str(f)] = cols
+            continue
+        for c in needed:
+            if c not in cols:
+                raise InputError(f"{f}: column {c!r} not found (columns: {', '.join(cols[:20])}); "
+                                 f"set input.url_col / input.caption_col / input.uid_col")
+        found[str(f)] = cols
+    return found
+
+
+def _as_string(table: pa.Table, col: str, path: Path) -> pa.Array:
+    arr = table[col]
+    if pa.types.is_string(arr.type):
+        return arr
+    if pa.types.is_null(arr.type):
+        return pa.nulls(len(arr), pa.string())
+    if pa.types.is_large_string(arr.type) or pa.types.is_dictionary(arr.type) or pa.types.is_string_view(arr.type):
+        return arr.cast(pa.string())
+    raise InputError(f"{path}: column {col!r} has type {arr.type}, expected text")
+
+
+def _url_problem(url: str) -> tuple[str, str] | None:
+    u = url.strip()
+    if not u:
+        return "missing_url", "url is empty"
+    try:
+        parts = urlsplit(u)
+    except ValueError as e:
+        return "malformed_url", f"cannot parse url: {e}"
+    if not parts.scheme:
+        return "malformed_url", "url has no scheme"
+    if parts.scheme.lower() not in ALLOWED_SCHEMES:
+        return "unsupported_scheme", f"scheme {parts.scheme!r} is not http(s)"
+    try:
+        host = parts.hostname
+    except ValueError as e:
+        return "malformed_url", f"cannot parse url: {e}"
+    if not host or any(ch.isspace() for ch in u) or ".." in host or host.startswith("."):
+        return "malformed_url", "url has no valid host" if not host else "url contains whitespace or a bad host"
+    return None
+
+
+def normalize(raw: RawBatch, cfg: InputConfig, path: Path) -> pa.Table:
+    """Turn a raw batch into rows with the base columns, carried columns and reject columns."""
+    t = raw.table
+    n = t.num_rows
+    urls = _as_string(t, cfg.url_col, path) if n else pa.array([], pa.string())
+    caps = _as_string(t, cfg.caption_col, path) if n else pa.array([], pa.string())
+    url_list, cap_list = urls.to_pylist(), caps.to_pylist()
+    if cfg.uid_col:
+        uids = pc.cast(t[cfg.uid_col], pa.string()).to_pylist() if n else []
+    else:
+        uids = [stable_uid(u, c) for u, c in zip(url_list, cap_list)]
+    cols: dict[str, pa.Array] = {
+        S.UID: pa.array(uids, pa.string()),
+        S.URL: urls,
+        S.CAPTION: caps,
+        S.SOURCE_FILE: pa.array([str(path)] * n, pa.string()),
+        S.SOURCE_ROW: t[ROW] if n else pa.array([], pa.int64()),
+    }
+    special = {cfg.url_col, cfg.caption_col, cfg.uid_col, ROW}
+    for name in t.column_names:
+        if name in special or name.startswith("__bad_type_"):
+            continue
+        out = name if (name not in S.COLUMNS and not name.startswith("_")) else f"input_{name.lstrip('_')}"
+        if out != name:
+            log.debug("%s: input column %r renamed to %r (name used by curate)", path, name, out)
+        cols[out] = t[name]
+    for c in S.REJECT_COLUMNS:
+        cols[c] = pa.nulls(n, pa.string())
+    table = pa.table(cols)
+    table = _validate(table, t, cfg, url_list, cap_list, uids)
+    if raw.malformed:
+        table = pa.concat_tables([table, _malformed_rows(raw.malformed, path, table.schema)])
+    return table
+
+
+def _validate(table: pa.Table, raw: pa.Table, cfg: InputConfig, urls: list, caps: list, uids: list) -> pa.Table:
+    reasons: list[str | None] = [None] * len(urls)
+    details: list[str | None] = [None] * len(urls)
+    bad_url = raw[bad_type_column(cfg.url_col)].to_pylist() if bad_type_column(cfg.url_col) in raw.column_names \
+        else [False] * len(urls)
+    bad_cap = raw[bad_type_column(cfg.caption_col)].to_pylist() \
+        if bad_type_column(cfg.caption_col) in raw.column_names else [False] * len(urls)
+    for i, (u, c, uid) in enumerate(zip(urls, caps, uids)):
+        if bad_url[i]:
+            reasons[i], details[i] = "invalid_url", f"{cfg.url_col} is not a string"
+        elif u is None:
+            reasons[i], details[i] = "missing_url", f"{cfg.url_col} is null"
+        elif (p := _url_problem(u)) is not None:
+            reasons[i], details[i] = p
+        elif bad_cap[i]:
+            reasons[i], details[i] = "invalid_caption", f"{cfg.caption_col} is not a string"
+        elif c is None:
+            reasons[i], details[i] = "missing_caption", f"{cfg.caption_col} is null"
+        elif not c.strip():
+            reasons[i], details[i] = "empty_caption", f"{cfg.caption_col} is empty"
+        elif uid is None or not str(uid).strip():
+            reasons[i], details[i] = "missing_uid", f"{cfg.uid_col} is null or empty"
+    mask = [r is not None for r in reasons]
+    if not any(mask):
+        return table
+    return mark_rejected(table, mask, pa.array(reasons, pa.string()), STAGE_ID, pa.array(details, pa.string()))
+
+
+def _malformed_rows(bad: list[Malformed], path: Path, schema: pa.Schema) -> pa.Table:
+    n = len(bad)
+    cols = {
+        S.UID: [stable_uid(None, f"{path}:{m.row}:{m.detail}") for m in bad],
+        S.SOURCE_FILE: [str(path)] * n,
+        S.SOURCE_ROW: [m.row for m in bad],
+        S.REJECT_REASON: ["malformed_row"] * n,
+        S.REJECT_STAGE: [STAGE_ID] * n,
+        S.REJECT_DETAIL: [f"{path.name} row {m.row if m.row is not None else '?'}: {m.detail}" for m in bad],
+        S.ERROR_TYPE: ["parse_error"] * n,
+    }
+    arrays = [pa.array(cols[f.name], f.type) if f.name in cols else pa.nulls(n, f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def ingest_file(file_index: int, path: Path, cfg: InputConfig, out_dir: Path, compression: str) -> list[ShardInfo]:
+    """Read one input file and write its shards to ``out_dir``; returns what was written."""
+    shards: list[ShardInfo] = []
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    string_cols = [c for c in (cfg.url_col, cfg.caption_col, cfg.uid_col) if c]
+
+    def flush(tables: list[pa.Table]) -> None:
+        table = pa.concat_tables(tables, promote_options="permissive")
+        shard = f"{file_index:05d}-{len(shards):05d}"
+        table = table.append_column(S.SHARD, pa.array([shard] * table.num_rows, pa.string()))
+        dest = out_dir / f"{shard}.parquet"
+        write_parquet_atomic(table, dest, compression)
+        shards.append(ShardInfo(shard, table.num_rows, str(dest)))
+
+    for raw in iter_raw(path, cfg.format, min(cfg.shard_size, 65536), string_cols):
+        table = normalize(raw, cfg, path)
+        while table.num_rows:
+            take = min(cfg.shard_size - pending_rows, table.num_rows)
+            pending.append(table.slice(0, take))
+            pending_rows += take
+            table = table.slice(take)
+            if pending_rows >= cfg.shard_size:
+                flush(pending)
+                pending, pending_rows = [], 0
+    if pending_rows:
+        flush(pending)
+    if not shards:
+        log.warning("%s: no rows", path)
+    return shards

@@ -1,0 +1,86 @@
+"""Finding input files and writing Parquet atomically."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SUFFIXES = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+
+
+class InputError(ValueError):
+    """The input as a whole is unusable: the message names the file (and column)."""
+
+
+def format_of(path: Path, declared: str = "auto") -> str:
+    if declared != "auto":
+        return declared
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for suffix, fmt in SUFFIXES.items():
+        if name.endswith(suffix):
+            return fmt
+    raise InputError(f"{path}: cannot tell the format from the name; set input.format")
+
+
+def _is_input_name(p: Path) -> bool:
+    name = p.name.lower().removesuffix(".gz")
+    return p.is_file() and not p.name.startswith((".", "_")) and any(name.endswith(s) for s in SUFFIXES)
+
+
+def list_input_files(spec: str, declared: str = "auto") -> list[Path]:
+    """A file, a directory (searched recursively) or a glob, sorted; never empty."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if _is_input_name(f))
+    else:
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+    if declared == "auto":
+        files = [f for f in files if _is_input_name(f) or f == p]
+    if not files:
+        raise InputError(f"input.path: no parquet/csv/jsonl files at {spec}")
+    return [f.resolve() for f in files]
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, compression: str = "zstd") -> None:
+    """Write to a temp file beside ``path`` and rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        pq.write_table(table, tmp, compression=None if compression == "none" else compression)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,59 @@
+"""Where things live under ``output.path``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / "rejected"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "stats.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.resolved.yaml"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "_work"
+
+    @property
+    def run_file(self) -> Path:
+        return self.work / "run.json"
+
+    @property
+    def ingest(self) -> Path:
+        return self.work / "ingest"
+
+    @property
+    def timing(self) -> Path:
+        return self.work / "timing"
+
+    def segment_out(self, k: int) -> Path:
+        return self.work / f"seg-{k}"
+
+    def parts(self, k: int) -> Path:
+        return self.work / f"parts-{k}"
+
+    def done(self, name: str) -> Path:
+        return self.work / "done" / name
+
+    def state(self, stage_id: str) -> Path:
+        return self.work / "state" / stage_id

@@ -1,0 +1,216 @@
+"""Run a pipeline: validate, ingest, run segments (global stages between them), write stats.
+
+``run(config)`` is what ``curate run`` calls.  A run killed half-way and
+started again with the same config resumes: finished files and shards are
+skipped (their done markers), and the output ends up the same as an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate import registry
+from curate import schema as S
+from curate.config import Config, ConfigError, load_config
+from curate.context import FitContext
+from curate.ingest import STAGE_ID as INPUT_ID
+from curate.ingest import ShardInfo, check_input
+from curate.io.files import InputError, list_input_files, write_json_atomic, write_text_atomic
+from curate.layout import Layout
+from curate.runners import make_runner
+from curate.runners.base import Runner
+from curate.runners.common import Segment, SegmentJob, split_segments
+from curate.stage import GlobalStage, Stage
+from curate.stats import build_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    output: Path
+    stats: dict[str, Any]
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.output)
+
+
+def build_stages(config: Config) -> list[Stage]:
+    from curate.stages.unique_uid import UniqueUid
+
+    return [UniqueUid({"id": "unique_uid"})] + [registry.create(p.model_dump()) for p in config.stages]
+
+
+def prepare_output(config: Config, layout: Layout) -> bool:
+    """Create the output dir; returns True when resuming a previous run of the same config."""
+    h = config.work_hash()
+    if layout.run_file.exists():
+        prev = json.loads(layout.run_file.read_text())
+        if prev.get("work_hash") == h:
+            log.info("resuming the run in %s", layout.root)
+            return True
+        if not config.output.overwrite:
+            raise ConfigError(f"output.path {layout.root} holds a run made with another config; "
+                              "choose a new output.path or --set output.overwrite=true")
+    elif layout.root.exists() and any(not p.name.startswith("_demo") for p in layout.root.iterdir()):
+        if not config.output.overwrite:
+            raise ConfigError(f"output.path {layout.root} exists and is not a curate output; "
+                              "choose a new output.path or --set output.overwrite=true")
+    if layout.root.exists():
+        for p in (layout.data, layout.rejected, layout.work, layout.stats, layout.report, layout.config):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"work_hash": h, "created": time.time()}, layout.run_file)
+    return False
+
+
+def output_schema(ingest_paths: list[str], stages: list[Stage]) -> pa.Schema:
+    carried: list[pa.Field] = []
+    seen = set(S.BASE_COLUMNS) | set(S.REJECT_COLUMNS)
+    schemas = [pq.read_schema(p) for p in ingest_paths]
+    merged = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    for f in merged:
+        if f.name not in seen and not S.is_internal(f.name):
+            carried.append(f.with_type(pa.string()) if pa.types.is_null(f.type) else f)
+            seen.add(f.name)
+    produced: list[pa.Field] = []
+    for st in stages:
+        for f in st.output_fields():
+            if f.name not in seen:
+                produced.append(f)
+                seen.add(f.name)
+    return pa.schema([S.field(c) for c in S.BASE_COLUMNS] + carried + produced +
+                     [S.field(c) for c in S.REJECT_COLUMNS])
+
+
+def _load_or_build_schema(layout: Layout, shards: list[ShardInfo], stages: list[Stage]) -> pa.Schema:
+    path = layout.work / "output_schema.arrow"
+    if path.exists():
+        return pa.ipc.read_schema(pa.py_buffer(path.read_bytes()))
+    schema = output_schema([s.path for s in shards], stages)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(schema.serialize().to_pybytes())
+    tmp.replace(path)
+    return schema
+
+
+def _fit(stage: GlobalStage, inputs: dict[str, str], rows: int, runner: Runner, layout: Layout) -> None:
+    state_dir = layout.state(stage.id)
+    state_file = state_dir / "state.pkl"
+    if state_file.exists():
+        stage.set_state(pickle.loads(state_file.read_bytes()))
+        return
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ctx = FitContext(sorted(inputs.values()), state_dir, runner.kind, runner.parallelism, rows)
+    t0 = time.perf_counter()
+    stage.set_state(stage.fit(ctx))
+    tmp = state_dir / f".state.{uuid.uuid4().hex[:6]}"
+    tmp.write_bytes(pickle.dumps(stage.state))
+    tmp.replace(state_file)
+    write_json_atomic({stage.id: time.perf_counter() - t0}, layout.timing / f"fit-{stage.id}.json")
+
+
+def execute(config: Config) -> RunResult:
+    t_start = time.time()
+    layout = Layout(Path(config.output.path).expanduser().resolve())
+    files = list_input_files(config.input.path, config.input.format)
+    check_input(files, config.input)
+    stages = build_stages(config)
+    resumed = prepare_output(config, layout)
+    write_text_atomic(config.to_yaml(), layout.config)
+    run_id = f"{int(t_start)}-{uuid.uuid4().hex[:6]}"
+    stage_ids = [INPUT_ID] + [s.id for s in stages]
+    with make_runner(config) as runner:
+        t0 = time.perf_counter()
+        shards = runner.ingest(files, config.input, layout, config.output.compression)
+        write_json_atomic({INPUT_ID: time.perf_counter() - t0}, layout.timing / f"ingest-{run_id}.json")
+        total = sum(s.rows for s in shards)
+        if total == 0:
+            raise InputError(f"input.path {config.input.path}: the input files hold no rows")
+        log.info("%d rows in %d shards from %d file(s)%s", total, len(shards), len(files),
+                 " (resumed)" if resumed else "")
+        schema = _load_or_build_schema(layout, shards, stages)
+        _run_segments(config, runner, layout, split_segments(stages), shards, schema, stage_ids, run_id)
+    n_seg = len(split_segments(stages))
+    stats = build_stats(layout, stage_ids, stages, config, final_segment=n_seg - 1,
+                        wall_seconds=time.time() - t_start)
+    write_json_atomic(stats, layout.stats)
+    _cleanup(layout, n_seg)
+    _write_report(layout)
+    return RunResult(layout.root, stats)
+
+
+def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list[Segment],
+                  shards: list[ShardInfo], schema: pa.Schema, stage_ids: list[str], run_id: str) -> None:
+    inputs = {s.shard: s.path for s in shards}
+    rows = {s.shard: s.rows for s in shards}
+    total = sum(rows.values())
+    for seg in segments:
+        final = seg.index == len(segments) - 1
+        job = SegmentJob(seg, {}, rows, final, layout, schema, stage_ids, config.output.compression)
+        pending = {sh: p for sh, p in inputs.items() if not job.done_marker(sh).exists()}
+        if pending and seg.head is not None:
+            _fit(seg.head, inputs, total, runner, layout)
+        if pending:
+            job.inputs = pending
+            log.info("segment %d (%s): %d of %d shards to do", seg.index,
+                     ", ".join(s.id for s in seg.stages), len(pending), len(inputs))
+            timing = runner.run_segment(job)
+            if timing:
+                write_json_atomic(timing, layout.timing / f"seg{seg.index}-{run_id}.json")
+        inputs = {sh: str(layout.segment_out(seg.index) / f"{sh}.parquet") for sh in inputs}
+
+
+def _cleanup(layout: Layout, n_segments: int) -> None:
+    """The finished run no longer needs the intermediate shards (done markers and states stay)."""
+    shutil.rmtree(layout.ingest, ignore_errors=True)
+    for k in range(n_segments):
+        shutil.rmtree(layout.segment_out(k), ignore_errors=True)
+        shutil.rmtree(layout.parts(k), ignore_errors=True)
+
+
+def _write_report(layout: Layout) -> None:
+    try:
+        from curate.report import write_report
+    except ImportError:
+        return
+    try:
+        write_report(layout.root)
+    except Exception:  # noqa: BLE001 - a report problem must not fail a finished run
+        log.exception("could not write the report")
+
+
+def run(config: str | Path | dict | Config, **overrides: Any) -> RunResult:
+    """Python API: ``curate.run("configs/demo.yaml", **{"output.path": "/tmp/out"})``.
+
+    Keyword names may use ``__`` for dots (``output__path=...``); dict values
+    are flattened (``runner={"kind": "ray"}``).
+    """
+    flat: dict[str, Any] = {}
+
+    def _flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and not prefix.startswith("stages"):
+            for k, v in value.items():
+                _flatten(f"{prefix}.{k}", v)
+        else:
+            flat[prefix] = value
+
+    for k, v in overrides.items():
+        _flatten(k.replace("__", "."), v)
+    return execute(load_config(config, flat))

@@ -1,0 +1,205 @@
+"""The stage contract.
+
+A stage is configured by a pydantic ``Params`` model, declares the columns it
+``needs`` and ``produces`` and its resources, loads heavy things in
+``setup()`` and transforms a ``pyarrow.Table`` batch in ``process()``.
+
+``process`` returns every row it was given (same count): kept rows untouched
+apart from the produced columns, rejected rows marked with
+:meth:`Stage.reject`.  Rows are never dropped, which is how the runners
+guarantee that every input row ends up in ``data/`` or ``rejected/``.
+
+Two kinds:
+
+* ``MapStage`` -- row-wise, runs batch by batch, in any order, anywhere.
+* ``GlobalStage`` -- needs the whole corpus first (dedup, top-fraction
+  filters).  ``fit(ctx)`` sees every shard of the stage's input (it may use
+  Ray or DuckDB and must stay bounded in memory), returns a small picklable
+  state, then ``process`` is run batch by batch with that state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from curate import schema as S
+
+if TYPE_CHECKING:  # pragma: no cover
+    from curate.context import FitContext
+
+log = logging.getLogger(__name__)
+
+
+class StageParams(BaseModel):
+    """Parameters every stage accepts, besides its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str = Field(description="registered stage name")
+    id: str | None = Field(None, description="stage id in stats and reject_stage (default: the name)")
+    batch_size: int | None = Field(None, ge=1, description="rows per batch handed to process()")
+    num_cpus: float | None = Field(None, gt=0, description="CPUs per worker (Ray runner)")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per worker (Ray runner)")
+    concurrency: int | None = Field(None, ge=1, description="workers for this stage (Ray runner)")
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int = 1024
+    concurrency: int | None = None
+    #: True when the stage keeps state across batches (models): Ray runs it in an actor pool.
+    stateful: bool = False
+
+
+class StageError(RuntimeError):
+    """A stage cannot run at all (bad model path, missing column...)."""
+
+
+@dataclass
+class StageResult:
+    """What calling a stage on a table in a notebook gives back."""
+
+    table: pa.Table
+    stage_id: str
+    seconds: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> pa.Table:
+        return self.table.filter(pc.is_null(self.table[S.REJECT_REASON]))
+
+    @property
+    def rejected(self) -> pa.Table:
+        mask = pc.equal(self.table[S.REJECT_STAGE], self.stage_id)
+        return self.table.filter(pc.fill_null(mask, False))
+
+
+class Stage:
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[StageParams]] = StageParams
+    needs: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[str] = "map"
+    #: defaults for Resources; params (num_cpus, batch_size...) override them
+    default_resources: ClassVar[Resources] = Resources()
+
+    def __init__(self, params: StageParams | dict | None = None, **kwargs: Any) -> None:
+        if params is None or isinstance(params, dict):
+            data = {"stage": self.name, **(params or {}), **kwargs}
+            params = self.Params.model_validate(data)
+        self.params = params
+        self.id = params.id or self.name
+        self._ready = False
+
+    # -- declared properties ----------------------------------------------------
+    @property
+    def resources(self) -> Resources:
+        d = self.default_resources
+        p = self.params
+        return Resources(
+            num_cpus=p.num_cpus if p.num_cpus is not None else d.num_cpus,
+            num_gpus=p.num_gpus if p.num_gpus is not None else d.num_gpus,
+            batch_size=p.batch_size or d.batch_size,
+            concurrency=p.concurrency or d.concurrency,
+            stateful=d.stateful,
+        )
+
+    def output_fields(self) -> list[pa.Field]:
+        """Arrow fields of the columns this stage adds."""
+        return [S.field(c) for c in self.produces]
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for stats.json and the report (model names, random-weight warnings)."""
+        return {}
+
+    # -- lifecycle ---------------------------------------------------------------
+    def setup(self) -> None:
+        """Load models and other heavy things (called once per worker)."""
+
+    def ensure_setup(self) -> None:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
+    def process(self, table: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    # -- helpers for process() ---------------------------------------------------
+    def reject(
+        self,
+        table: pa.Table,
+        mask: pa.Array | list[bool],
+        reason: str | pa.Array | list[str | None],
+        detail: str | pa.Array | list[str | None] | None = None,
+        error_type: str | pa.Array | list[str | None] | None = None,
+    ) -> pa.Table:
+        """Mark rows where ``mask`` is true (and not already rejected) as rejected."""
+        from curate.table_ops import mark_rejected
+
+        return mark_rejected(table, mask, reason, self.id, detail, error_type)
+
+    # -- running -----------------------------------------------------------------
+    def run_batch(self, table: pa.Table) -> pa.Table:
+        """Apply the stage to a batch that may hold already-rejected rows.
+
+        Only rows not yet rejected are given to ``process``; the others pass
+        through with null output columns.  The row count is checked.
+        """
+        from curate.table_ops import apply_to_active
+
+        self.ensure_setup()
+        return apply_to_active(self, table)
+
+    def __call__(self, table: pa.Table) -> StageResult:
+        """Notebook entry point: ``clip_filter(table).kept``."""
+        from curate.table_ops import prepare_for_stages
+
+        t0 = time.perf_counter()
+        out = self.run_batch(prepare_for_stages(table))
+        return StageResult(out, self.id, time.perf_counter() - t0)
+
+
+class MapStage(Stage):
+    kind: ClassVar[str] = "map"
+
+
+class GlobalStage(Stage):
+    """A stage that must see the whole corpus before it can decide on any row."""
+
+    kind: ClassVar[str] = "global"
+
+    def fit(self, ctx: "FitContext") -> Any:
+        """Compute the global state (bounded memory; may use ``ctx.map`` for parallelism)."""
+        raise NotImplementedError
+
+    state: Any = None
+
+    def set_state(self, state: Any) -> None:
+        self.state = state
+
+    def __call__(self, table: pa.Table) -> StageResult:
+        """Notebook entry point: fit on this table alone, then apply."""
+        from curate.context import FitContext
+        from curate.table_ops import prepare_for_stages
+
+        t0 = time.perf_counter()
+        table = prepare_for_stages(table)
+        ctx = FitContext.from_table(table)
+        self.set_state(self.fit(ctx))
+        out = self.run_batch(ctx_table(ctx, table))
+        return StageResult(out, self.id, time.perf_counter() - t0)
+
+
+def ctx_table(ctx: "FitContext", table: pa.Table) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(ctx.paths[0]) if ctx.paths else table

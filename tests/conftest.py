@@ -1,0 +1,87 @@
+"""Shared fixtures: one demo corpus served on 127.0.0.1 and one Ray cluster per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("CURATE_RAY_PROGRESS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_ROWS = 240  # the session corpus; every kind of row appears at this size
+
+
+@pytest.fixture(scope="session")
+def demo_site(tmp_path_factory) -> Path:
+    """The demo corpus (images, manifest.jsonl with the truth, routes.json), built once."""
+    from curate.demo.corpus import build_site
+
+    site = tmp_path_factory.mktemp("demo") / "site"
+    build_site(site, n_rows=DEMO_ROWS, seed=0)
+    return site
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_site):
+    """The corpus served on 127.0.0.1 for the whole session (slow rows sleep 4 s)."""
+    from curate.demo.server import DemoServer
+
+    with DemoServer(demo_site, slow_seconds=4.0) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def demo_input(demo_site, demo_server, tmp_path_factory) -> Path:
+    """The pipeline input (parquet: uid, url, caption, source) pointing at the session server."""
+    from curate.demo.corpus import write_input
+
+    return write_input(demo_site, demo_server.base_url, tmp_path_factory.mktemp("input") / "demo.parquet")
+
+
+def demo_config(input_path: Path, output: Path, **over) -> dict:
+    """configs/demo.yaml with the input/output of a test (and a short download timeout)."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    cfg["input"]["path"] = str(input_path)
+    cfg["output"]["path"] = str(output)
+    cfg["input"]["shard_size"] = 60
+    for st in cfg["stages"]:
+        if st["stage"] == "download":
+            st["timeout"] = 2
+    for k, v in over.items():
+        from curate.config import apply_override
+
+        apply_override(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray instance for the whole session (2 CPUs, small object store)."""
+    import ray
+
+    from curate.raycluster import start_local_ray
+
+    temp_dir, home = start_local_ray(num_cpus=2, object_store_memory=300 * 1024**2)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_run_local(demo_input, tmp_path_factory):
+    """configs/demo.yaml run once on the local runner over the session corpus."""
+    import curate
+
+    out = tmp_path_factory.mktemp("run-local") / "out"
+    return curate.run(demo_config(demo_input, out))
