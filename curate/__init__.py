@@ -1,7 +1,7 @@
 """curate: turn raw web image-text pairs into a clean training corpus.
 
 ``curate.run(config_or_path, **overrides)`` runs a pipeline; every stage can
-also be called on a ``pyarrow.Table`` (``curate.stage("download", image_size=128)(table)``).
+also be called on a ``pyarrow.Table`` (``curate.create_stage("download", image_size=128)(table)``).
 Importing curate is cheap: torch, ray and faiss are imported only by the code that needs them.
 """
 
@@ -29,11 +29,11 @@ def load_config(config: Any, **overrides: Any):
     return _load(config, overrides or None)
 
 
-def stage(name: str, **params: Any) -> "Stage":
+def create_stage(name: str, **params: Any) -> "Stage":
     """A configured stage, ready to be called on a ``pyarrow.Table``."""
     from curate import registry
 
     return registry.create({"stage": name, **params})
 
 
-__all__ = ["run", "load_config", "stage", "__version__"]
+__all__ = ["run", "load_config", "create_stage", "__version__"]

@@ -129,7 +129,11 @@ def _fit(stage: GlobalStage, inputs: dict[str, str], rows: int, runner: Runner, 
 def execute(config: Config) -> RunResult:
     t_start = time.time()
     layout = Layout(Path(config.output.path).expanduser().resolve())
-    files = list_input_files(config.input.path, config.input.format)
+    own = (layout.data, layout.rejected, layout.work)  # never read our own output as input
+    files = [f for f in list_input_files(config.input.path, config.input.format)
+             if not any(f.is_relative_to(d) for d in own)]
+    if not files:
+        raise InputError(f"input.path {config.input.path}: no input files outside output.path")
     check_input(files, config.input)
     stages = build_stages(config)
     resumed = prepare_output(config, layout)

@@ -49,8 +49,9 @@ def list_input_files(spec: str, declared: str = "auto") -> list[Path]:
     p = Path(spec).expanduser()
     if p.is_file():
         files = [p]
-    elif p.is_dir():
-        files = sorted(f for f in p.rglob("*") if _is_input_name(f))
+    elif p.is_dir():  # hidden and _private folders (e.g. a curate output's _work) are skipped
+        files = sorted(f for f in p.rglob("*") if _is_input_name(f)
+                       and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
     else:
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
     if declared == "auto":
