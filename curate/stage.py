@@ -195,11 +195,8 @@ class GlobalStage(Stage):
         table = prepare_for_stages(table)
         ctx = FitContext.from_table(table)
         self.set_state(self.fit(ctx))
-        out = self.run_batch(ctx_table(ctx, table))
+        import pyarrow.parquet as pq
+
+        out = self.run_batch(pq.read_table(ctx.paths[0]))  # the table as fit saw it (with a shard id)
+        out = out.drop_columns([c for c in out.column_names if S.is_internal(c)])
         return StageResult(out, self.id, time.perf_counter() - t0)
-
-
-def ctx_table(ctx: "FitContext", table: pa.Table) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(ctx.paths[0]) if ctx.paths else table

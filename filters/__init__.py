@@ -2,3 +2,5 @@
 
 Importing this package registers them.
 """
+
+from filters import perplexity  # noqa: F401

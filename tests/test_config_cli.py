@@ -92,3 +92,13 @@ def test_curate_demo_command(tmp_path):
     reasons = stats["run"]["rejected_by_reason"]
     for reason in ("download_failed", "decode_failed", "opted_out", "missing_url"):
         assert reasons.get(reason), reasons
+
+
+def test_pipelines_presets(tmp_path):
+    import pipelines
+
+    assert "demo" in pipelines.available()
+    cfg = pipelines.load("demo", input="x.parquet", output=str(tmp_path), input__shard_size=7)
+    assert cfg.input.path == "x.parquet" and cfg.input.shard_size == 7
+    with pytest.raises(ConfigError, match="no pipeline"):
+        pipelines.load("nope")

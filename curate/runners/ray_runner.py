@@ -145,8 +145,8 @@ class RayRunner(Runner):
         res = stage.resources
         if res.concurrency:
             return res.concurrency, res.concurrency
-        if res.num_gpus > 0:
-            n = max(1, int(self.gpus / res.num_gpus)) if self.gpus else 1
+        if res.num_gpus > 0 and self.gpus > 0:
+            n = max(1, int(self.gpus / res.num_gpus))
             return n, n
         # leave room for the read/write tasks of the pipeline (2-core machines deadlock otherwise)
         return 1, max(1, int((self.cpus - 0.5) / max(res.num_cpus, 0.01)))
@@ -157,8 +157,11 @@ class RayRunner(Runner):
         res = stage.resources
         params = stage.params.model_dump(mode="json")
         common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
-        if res.num_gpus > 0:
-            common["num_gpus"] = res.num_gpus
+        if res.num_gpus > 0 and self.gpus == 0:
+            log.warning("stage %r asks for %s GPU per worker but the cluster has none: running it on CPUs",
+                        stage.id, res.num_gpus)
+        elif res.num_gpus > 0:
+            common["num_gpus"] = res.num_gpus * factors[1]
         if res.stateful:
             lo, hi = self._pool_size(stage)
             return ds.map_batches(_StageActor, fn_constructor_args=(params, state, timing),
@@ -177,8 +180,9 @@ class RayRunner(Runner):
                                  override_num_blocks=len(job.inputs))
         ds = ds.map_batches(_read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
         state = job.segment.head.state if job.segment.head is not None else None
+        factors = self._fit_factors(job.segment.stages)
         for st in job.segment.stages:
-            ds = self._add_stage(ds, st, state if st is job.segment.head else None, timing)
+            ds = self._add_stage(ds, st, state if st is job.segment.head else None, timing, factors)
         ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir), job.compression), batch_size=None,
                             batch_format="pyarrow", num_cpus=0.25)
         written = ds.take_all()

@@ -2,3 +2,9 @@
 
 from curate.stages import download  # noqa: F401
 from curate.stages import unique_uid  # noqa: F401
+from curate.stages import caption_perplexity  # noqa: F401
+from curate.stages import recaption  # noqa: F401
+from curate.stages import phash  # noqa: F401
+from curate.stages import dedup_exact  # noqa: F401
+from curate.stages import dedup_phash  # noqa: F401
+from curate.stages import dedup_semantic  # noqa: F401

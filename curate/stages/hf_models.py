@@ -126,6 +126,14 @@ def random_blip(size: str = "tiny", seed: int = 0) -> tuple[Any, Any]:
     return model.eval(), processor
 
 
+def dtype_kwarg(dtype) -> dict[str, Any]:
+    """``from_pretrained`` keyword for the weights' dtype (``dtype`` since transformers 4.56, ``torch_dtype`` before)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def pick_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
     import torch

@@ -115,6 +115,4 @@ class KenLMScorer:
         return [self.score_one(t) for t in texts]
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "kenlm", "model": self.model_path, "order": self.model.order,
-                "sp_model": self.sp_model, "normalize": self.normalize,
-                "formula": "10 ** (-sum(log10 P(line incl. </s>)) / sum(words + 1)) (CCNet)"}
+        return {"order": self.model.order}

@@ -63,7 +63,7 @@ class UniqueUid(GlobalStage):
     name = "unique_uid"
     Params = UniqueUidParams
     needs = (S.UID, S.SHARD, S.SOURCE_ROW)
-    default_resources = Resources(num_cpus=0.5, batch_size=65536, stateful=True)
+    default_resources = Resources(num_cpus=0.25, batch_size=65536)
 
     def fit(self, ctx) -> Any:
         parts = max(1, math.ceil((ctx.total_rows or 0) / ROWS_PER_PARTITION))

@@ -1,0 +1,212 @@
+"""Bounded-memory plumbing of the dedup stages: DuckDB hash shuffles and the decision files.
+
+*Shuffle.*  ``shuffle`` runs a SELECT over every input file in ``ctx.map`` tasks (groups of
+files) and writes its rows hash-partitioned by a key column with DuckDB's
+``COPY ... PARTITION_BY``; each partition is then reduced by one task reading only its own
+files.  Total I/O is linear in the corpus and no task holds more than about one partition
+(``rows_per_partition`` rows).  With a single partition the reduce reads the inputs directly.
+
+*Decisions.*  Removed rows are written as ``(_shard, uid, duplicate_of, detail)`` parts,
+bucketed by ``crc32(_shard) % buckets`` (one bucket per ``SHARDS_PER_BUCKET`` work shards),
+then compacted to one file per bucket sorted by shard.  ``DecisionReader`` (used by
+``process``) opens only the bucket of the shards in its batch, reading only their row groups,
+and caches a bounded number of shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import shutil
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import schema as S
+
+log = logging.getLogger(__name__)
+
+SHARDS_PER_BUCKET = 16
+#: files per shuffle map task (each reads its files once)
+FILES_PER_MAP_TASK = 64
+DUCKDB_MEMORY_LIMIT = os.environ.get("CURATE_DUCKDB_MEMORY", "2GB")
+DETAIL = "detail"
+DECISION_SCHEMA = pa.schema([pa.field(S.SHARD, pa.string()), pa.field(S.UID, pa.string()),
+                             pa.field(S.DUPLICATE_OF, pa.string()), pa.field(DETAIL, pa.string())])
+_CACHE_SHARDS = 64
+
+
+def threads() -> int:
+    """Threads for one task: Ray sets OMP_NUM_THREADS to a task's CPUs; locally all cores."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+
+
+def duckdb_connect(work_dir: str | Path):
+    import duckdb
+
+    tmp = Path(work_dir) / "duckdb_tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(config={"temp_directory": str(tmp), "memory_limit": DUCKDB_MEMORY_LIMIT})
+    con.execute(f"SET threads = {threads()}")
+    con.execute("SET preserve_insertion_order = false")
+    return con
+
+
+def arrow(rel: Any) -> pa.Table:
+    t = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+    return t.read_all() if isinstance(t, pa.RecordBatchReader) else t
+
+
+def sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def read_sql(paths: list[str]) -> str:
+    return f"read_parquet({sql_list(paths)}, union_by_name = true)"
+
+
+def n_partitions(rows: int | None, rows_per_partition: int) -> int:
+    return max(1, math.ceil((rows or 0) / rows_per_partition))
+
+
+def file_groups(paths: list[str], per_group: int = FILES_PER_MAP_TASK) -> list[list[str]]:
+    return [paths[i:i + per_group] for i in range(0, len(paths), per_group)] or [[]]
+
+
+def _shuffle_map(args: tuple[list[str], str, int, str, str]) -> None:
+    files, select, parts, out, work = args
+    con = duckdb_connect(work)
+    sql = select.format(src=read_sql(files))
+    con.execute(f"COPY (SELECT *, hash(_k) % {parts} AS _p FROM ({sql})) TO '{out}' "
+                "(FORMAT parquet, PARTITION_BY (_p), OVERWRITE_OR_IGNORE true)")
+    con.close()
+
+
+def shuffle(ctx: Any, select: str, parts: int, out: Path) -> list[str | None]:
+    """Hash-partition the rows of ``select`` (a SELECT over ``{src}`` with a ``_k`` column) by ``_k``.
+
+    Returns one DuckDB FROM-clause per partition (None when a partition got no rows).
+    """
+    if parts == 1:
+        return [f"({select.format(src=read_sql(ctx.paths))})"] if ctx.paths else [None]
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    jobs = [(g, select, parts, str(out / f"m{j:05d}"), str(ctx.work_dir))
+            for j, g in enumerate(file_groups(ctx.paths))]
+    ctx.map(_shuffle_map, jobs)
+    sources: list[str | None] = []
+    for p in range(parts):
+        files = sorted(glob.glob(str(out / "m*" / f"_p={p}" / "*.parquet")))
+        sources.append(f"read_parquet({sql_list(files)}, hive_partitioning = false)" if files else None)
+    return sources
+
+
+# -- partitioned parquet parts ------------------------------------------------------------
+def write_partitioned(table: pa.Table, part: np.ndarray, out: Path, name: str) -> None:
+    """Write the rows of ``table`` to ``out/pNNNNN/name.parquet`` by their partition number."""
+    if table.num_rows == 0:
+        return
+    order = np.argsort(part, kind="stable")
+    sp = part[order]
+    cuts = np.flatnonzero(np.diff(sp)) + 1
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(sp)]):
+        d = out / f"p{int(sp[lo]):05d}"
+        d.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.take(pa.array(order[lo:hi])), d / f"{name}.parquet")
+
+
+def partition_files(out: Path, p: int) -> list[str]:
+    return sorted(glob.glob(str(out / f"p{p:05d}" / "*.parquet")))
+
+
+def shard_bucket(shards: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
+    """Bucket of every row's shard: ``crc32(shard) % buckets`` (the same in every process)."""
+    enc = pc.dictionary_encode(shards)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    per = np.array([zlib.crc32(s.encode()) % buckets for s in enc.dictionary.to_pylist()], np.int64)
+    return per[enc.indices.to_numpy(zero_copy_only=False)] if len(per) else np.zeros(0, np.int64)
+
+
+# -- decisions ----------------------------------------------------------------------------
+def decisions_table(shards: Any, uids: Any, dup_of: Any, detail: Any) -> pa.Table:
+    return pa.Table.from_arrays([pa.array(x, pa.string()) if not isinstance(x, (pa.Array, pa.ChunkedArray))
+                                 else x.cast(pa.string()) for x in (shards, uids, dup_of, detail)],
+                                schema=DECISION_SCHEMA)
+
+
+def write_decisions(table: pa.Table, parts_dir: str | Path, name: str, buckets: int) -> int:
+    """Write removed rows of one task as parts bucketed by shard; returns the row count."""
+    if table.num_rows:
+        write_partitioned(table, shard_bucket(table[S.SHARD], buckets), Path(parts_dir), name)
+    return table.num_rows
+
+
+def n_buckets(n_shards: int) -> int:
+    return max(1, math.ceil(n_shards / SHARDS_PER_BUCKET))
+
+
+def _compact(args: tuple[str, int, str]) -> int:
+    parts_dir, b, out = args
+    files = partition_files(Path(parts_dir), b)
+    t = pa.concat_tables([pq.read_table(f) for f in files]).sort_by([(S.SHARD, "ascending"), (S.UID, "ascending")])
+    tmp = out + ".tmp"
+    pq.write_table(t, tmp, row_group_size=8192)
+    os.replace(tmp, out)
+    return t.num_rows
+
+
+def compact_decisions(ctx: Any, parts_dir: Path, buckets: int) -> dict[str, Any]:
+    """One sorted file per shard bucket under ``work_dir/decisions``; returns the reader's state."""
+    out = Path(ctx.work_dir) / "decisions"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    todo = [b for b in range(buckets) if partition_files(parts_dir, b)]
+    counts = ctx.map(_compact, [(str(parts_dir), b, str(out / f"b{b:05d}.parquet")) for b in todo])
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return {"dir": str(out), "buckets": buckets, "rows": int(sum(counts))}
+
+
+class DecisionReader:
+    """``process``-side lookup of removed rows: reads only the bucket files of the batch's shards."""
+
+    def __init__(self, state: dict[str, Any] | None) -> None:
+        self.state = state or {}
+        self._cache: OrderedDict[str, dict[str, tuple[str, str]]] = OrderedDict()
+
+    def _load(self, shards: list[str]) -> None:
+        missing = [s for s in shards if s not in self._cache]
+        if not missing or not self.state.get("rows"):
+            return
+        buckets = self.state["buckets"]
+        for s in missing:
+            self._cache[s] = {}
+        by_bucket: dict[int, list[str]] = {}
+        for s in missing:
+            by_bucket.setdefault(zlib.crc32(s.encode()) % buckets, []).append(s)
+        for b, shs in by_bucket.items():
+            path = Path(self.state["dir"]) / f"b{b:05d}.parquet"
+            if not path.exists():
+                continue
+            t = pq.read_table(path, filters=[(S.SHARD, "in", shs)])
+            for sh, uid, dup, det in zip(*(t[c].to_pylist() for c in DECISION_SCHEMA.names)):
+                self._cache[sh][uid] = (dup, det)
+        while len(self._cache) > max(_CACHE_SHARDS, len(shards)):
+            self._cache.popitem(last=False)
+
+    def lookup(self, shards: pa.ChunkedArray, uids: pa.ChunkedArray) -> tuple[list, list, list] | None:
+        uniq = pc.unique(shards).to_pylist()
+        self._load(uniq)
+        if not any(self._cache.get(s) for s in uniq):
+            return None
+        hits = [self._cache[s].get(u) for s, u in zip(shards.to_pylist(), uids.to_pylist())]
+        return ([h is not None for h in hits], [h[0] if h else None for h in hits],
+                [h[1] if h else None for h in hits])
