@@ -151,12 +151,30 @@ class RayRunner(Runner):
         # leave room for the read/write tasks of the pipeline (2-core machines deadlock otherwise)
         return 1, max(1, int((self.cpus - 0.5) / max(res.num_cpus, 0.01)))
 
-    def _add_stage(self, ds: Any, stage: Stage, state: Any, timing: Any) -> Any:
+    def _fit_factors(self, stages: list[Stage]) -> tuple[float, float]:
+        """Scale factors so one actor of every actor-pool stage fits the cluster at once.
+
+        Ray Data starts at least one actor per pool; if their CPUs (or GPUs) add up to more than the
+        cluster has, the pipeline deadlocks (a 2-core laptop with download + CLIP + LM stages).
+        ``num_cpus`` is a scheduling hint, so scaling it down only allows co-location.
+        """
+        pools = [s.resources for s in stages if s.resources.stateful]
+        cpu_need = sum(r.num_cpus for r in pools)
+        gpu_need = sum(r.num_gpus for r in pools if r.num_gpus > 0)
+        cpu_budget = max(self.cpus - 0.5, 0.1)  # room for the read and write tasks
+        fc = min(1.0, cpu_budget / cpu_need) if cpu_need else 1.0
+        fg = min(1.0, self.gpus / gpu_need) if gpu_need and self.gpus else 1.0
+        if fc < 1 or fg < 1:
+            log.info("scaling actor resources to fit the cluster: CPUs x%.2f, GPUs x%.2f", fc, fg)
+        return fc, fg
+
+    def _add_stage(self, ds: Any, stage: Stage, state: Any, timing: Any, factors=(1.0, 1.0)) -> Any:
         import ray
 
         res = stage.resources
         params = stage.params.model_dump(mode="json")
-        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus)
+        num_cpus = max(0.05, res.num_cpus * factors[0]) if res.stateful else res.num_cpus
+        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=num_cpus)
         if res.num_gpus > 0 and self.gpus == 0:
             log.warning("stage %r asks for %s GPU per worker but the cluster has none: running it on CPUs",
                         stage.id, res.num_gpus)
