@@ -51,13 +51,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from curate.stats import format_stats, load_stats
+    """Counts recomputed from the Parquet output through DuckDB (order, seconds, info from stats.json)."""
+    from curate.query import output_stats
+    from curate.stats import format_stats
 
-    try:
-        stats = load_stats(args.output)
-    except FileNotFoundError as e:
-        raise InputError(str(e)) from None
-    sys.stdout.write(format_stats(stats) + "\n")
+    sys.stdout.write(format_stats(output_stats(args.output)) + "\n")
     return 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from curate import registry
 from curate.stage import StageParams
@@ -44,6 +44,13 @@ class RunnerConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a locally started Ray instance")
     object_store_memory: int | None = Field(None, ge=75 * 1024**2, description="bytes, local Ray only")
+
+    @model_validator(mode="after")
+    def _address_means_ray(self) -> "RunnerConfig":
+        # `--set runner.address=auto` on a local config: an address only makes sense with the Ray runner
+        if self.address and self.kind == "local":
+            self.kind = "ray"
+        return self
 
 
 class Config(_Strict):

@@ -102,3 +102,8 @@ def test_pipelines_presets(tmp_path):
     assert cfg.input.path == "x.parquet" and cfg.input.shard_size == 7
     with pytest.raises(ConfigError, match="no pipeline"):
         pipelines.load("nope")
+
+
+def test_runner_address_implies_ray():
+    cfg = load_config(REPO / "configs" / "demo.yaml", {"runner.address": "auto"})
+    assert cfg.runner.kind == "ray" and cfg.runner.address == "auto"

@@ -178,7 +178,7 @@ def test_write_input(site, server, tmp_path, fmt):
     else:
         rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == N
-    assert set(rows[0]) == {"url", "caption", "source"}
+    assert set(rows[0]) == {"uid", "url", "caption", "source"}
     assert all(row["source"] == "curate-demo" for row in rows)
     for rec, row in zip(recs, rows):
         if rec["kind"] in ("missing_url", "unsupported_scheme", "malformed_url"):

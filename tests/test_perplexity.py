@@ -151,12 +151,14 @@ def test_hf_backend_batched_equals_one_by_one_and_reference(hf_stage):
     # padding invariance: each caption next to the longest one
     padded = np.array([scorer.score([c, CAPTIONS[-1] * 3])[0] for c in CAPTIONS])
     ref = np.array([_reference_ppl(scorer.model, scorer.tokenizer, c) for c in CAPTIONS])
-    np.testing.assert_allclose(batched, one, rtol=1e-5)
-    np.testing.assert_allclose(padded, one, rtol=1e-5)
-    np.testing.assert_allclose(one, ref, rtol=1e-5)
+    # float64 on the CPU (dtype auto): the stored float32 values are identical bit for bit
+    assert batched.dtype == np.float32
+    np.testing.assert_array_equal(batched, one.astype(np.float32))
+    np.testing.assert_array_equal(padded.astype(np.float32), one.astype(np.float32))
+    np.testing.assert_allclose(one, ref, rtol=1e-9)
     assert len(set(np.round(batched, 2))) == len(CAPTIONS)  # the random model still tells captions apart
     info = hf_stage.describe()
-    assert "RANDOM WEIGHTS" in info["warning"] and info["device"] == "cpu"
+    assert "RANDOM WEIGHTS" in info["warning"] and info["device"] == "cpu" and info["dtype"] == "float64"
 
 
 def test_hf_prompt_conditioning_excludes_prompt_tokens(hf_stage):
@@ -165,7 +167,7 @@ def test_hf_prompt_conditioning_excludes_prompt_tokens(hf_stage):
     t = pa.table({"uid": ["a", "b", "c"], "caption": CAPTIONS[:3]})
     got = stage(t).table[S.CAPTION_PERPLEXITY].to_numpy()
     ref = [_reference_ppl(stage.scorer.model, stage.scorer.tokenizer, c, prompt) for c in CAPTIONS[:3]]
-    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
     plain = hf_stage(t).table[S.CAPTION_PERPLEXITY].to_numpy()
     assert not np.allclose(got, plain)
 
@@ -179,8 +181,8 @@ def test_hf_model_loads_from_local_directory(hf_stage, tmp_path):
     tok.save_pretrained(tmp_path / "lm")
     stage = curate.create_stage("caption_perplexity", model=str(tmp_path / "lm"), max_batch_tokens=64)
     t = pa.table({"uid": [f"u{i}" for i in range(len(CAPTIONS))], "caption": CAPTIONS})
-    np.testing.assert_allclose(stage(t).table[S.CAPTION_PERPLEXITY].to_numpy(),
-                               hf_stage(t).table[S.CAPTION_PERPLEXITY].to_numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(stage(t).table[S.CAPTION_PERPLEXITY].to_numpy(),
+                                  hf_stage(t).table[S.CAPTION_PERPLEXITY].to_numpy())
     assert "warning" not in stage.describe() and stage.describe()["model"] == str(tmp_path / "lm")
 
 
@@ -212,14 +214,14 @@ def _expected(table: pa.Table, fraction: float | None, lo: float | None, hi: flo
     x = table[S.CAPTION_PERPLEXITY].to_numpy(zero_copy_only=False).astype(np.float32)
     active = table[S.REJECT_REASON].is_null().to_numpy(zero_copy_only=False)
     ok = active & ~np.isnan(x)
+    if fraction is not None:  # the lowest floor(f * N) of every active row with a perplexity, ties kept
+        k = int(np.floor(fraction * ok.sum()))
+        t = np.sort(x[ok])[k - 1] if k else -np.inf
+        ok &= x <= t
     if lo is not None:
         ok &= x >= np.float32(lo)
     if hi is not None:
         ok &= x <= np.float32(hi)
-    if fraction is not None:
-        k = int(np.floor(fraction * ok.sum()))
-        t = np.sort(x[ok])[k - 1] if k else -np.inf
-        ok &= x <= t
     uids = np.array(table["uid"].to_pylist())
     return set(uids[ok])
 
@@ -245,7 +247,7 @@ def _run_filter(shards: list[pa.Table], tmp_path, runner: str, **params) -> set[
 
 
 @pytest.mark.parametrize("params", [
-    {"keep_fraction": 0.5}, {"keep_fraction": 0.3, "min_perplexity": 10, "max_perplexity": 2000},
+    {"keep_fraction": 0.5}, {"keep_fraction": 0.6, "min_perplexity": 10, "max_perplexity": 200},
     {"min_perplexity": 50, "max_perplexity": 300}, {"keep_fraction": 1.0}, {"keep_fraction": 0.0001},
 ])
 def test_filter_global_fraction_across_shards_matches_numpy(tmp_path, params):
@@ -257,19 +259,6 @@ def test_filter_global_fraction_across_shards_matches_numpy(tmp_path, params):
     if params.get("keep_fraction") == 0.5:  # per-shard fractions would give another set
         per_shard = set().union(*(_expected(s, 0.5, None, None) for s in shards))
         assert per_shard != got
-
-
-def test_filter_radix_select_is_exact_on_adversarial_values(tmp_path):
-    from filters.perplexity import lowest_fraction_threshold
-
-    vals = np.array([0.0, -0.0, 1e-45, 3.4e38, np.inf, 1.0, np.nextafter(np.float32(1), np.float32(2)),
-                     -5.0, 2.5, 2.5], np.float32)
-    t = pa.table({S.CAPTION_PERPLEXITY: vals, S.REJECT_REASON: pa.nulls(len(vals), pa.string())})
-    pq.write_table(t, tmp_path / "v.parquet")
-    srt = np.sort(vals)
-    for k in range(1, len(vals) + 1):
-        st = lowest_fraction_threshold([str(tmp_path / "v.parquet")], k / len(vals) + 1e-9, None, None)
-        assert st["k"] == k and np.float32(st["threshold"]) == srt[k - 1]
 
 
 def test_filter_params_validation():
@@ -307,14 +296,17 @@ def test_pipeline_local_and_ray_agree_with_numpy(tmp_path, ray_cluster):
     pq.write_table(pa.table({"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(len(caps))], "caption": caps}), src)
     results = {r: _pipeline(tmp_path, r, src) for r in ("local", "ray")}
     for sub in ("data", "rejected"):
-        assert rows_by_uid(read_dir(results["local"].output / sub)) == rows_by_uid(read_dir(results["ray"].output / sub))
+        local, ray = (rows_by_uid(read_dir(results[r].output / sub)) for r in ("local", "ray"))
+        assert local == ray
     rows = read_dir(results["local"].output / "data").to_pylist() + \
         read_dir(results["local"].output / "rejected").to_pylist()
-    scored = [r for r in rows if r["reject_reason"] != "empty_caption"]
-    assert sum(r["reject_reason"] == "empty_caption" for r in rows) == 3
+    scored = [r for r in rows if r["reject_reason"] not in ("empty_caption", "missing_caption")]
+    assert sum(r["reject_reason"] == "empty_caption" for r in rows) == 2  # "" and "  " (None: ingest's reason)
     x = np.array([r[S.CAPTION_PERPLEXITY] for r in scored], np.float32)
     t = np.sort(x)[int(np.floor(0.6 * len(x))) - 1]
-    assert {r["uid"] for r in scored if r["reject_reason"] is None} == {r["uid"] for r in scored if r[S.CAPTION_PERPLEXITY] <= t}
+    kept = {r["uid"] for r in scored if r["reject_reason"] is None}
+    assert kept == {r["uid"] for r in scored if r[S.CAPTION_PERPLEXITY] <= t}
     stages = {s["id"]: s for s in results["local"].stats["stages"]}
     assert stages["perplexity"]["info"]["k"] == int(np.floor(0.6 * len(x)))
-    assert "RANDOM WEIGHTS" in {s["id"]: s for s in results["ray"].stats["stages"]}["caption_perplexity"]["info"]["warning"]
+    ray_stages = {s["id"]: s for s in results["ray"].stats["stages"]}
+    assert "RANDOM WEIGHTS" in ray_stages["caption_perplexity"]["info"]["warning"]

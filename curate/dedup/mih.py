@@ -77,14 +77,15 @@ def _is_canonical(x: np.ndarray, y: np.ndarray, key: np.ndarray, s: int) -> np.n
 
 
 def pairs(key: np.ndarray, values: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (index a, index b, distance) of distinct values within ``radius`` among rows sharing a key.
+    """Pairs (index a, index b, distance) of values within ``radius`` among rows sharing a key.
 
-    ``key``/``values`` are one partition's rows (a value may appear under several keys); each
-    qualifying pair is returned once, from its canonical key.
+    ``key``/``values`` are one partition's rows (from :func:`keys` of *distinct* values, so a
+    key never holds one value twice); each qualifying pair is returned once, from its canonical
+    key.  Work: one vectorised pass per offset inside the key groups, sum(size^2)/2 checks.
     """
     s = chunk_radius(radius)
     values = np.asarray(values, np.uint64)
-    order = np.argsort(key, kind="stable")
+    order = np.argsort(key)  # order inside a key group does not matter: pairs are a set
     k, v = key[order], values[order]
     n = len(k)
     if n < 2:
@@ -98,11 +99,12 @@ def pairs(key: np.ndarray, values: np.ndarray, radius: int) -> tuple[np.ndarray,
                     work)
     out_a, out_b, out_d = [], [], []
     idx = np.flatnonzero(remaining >= 1)
+    rem = remaining[idx]
     off = 1
     while len(idx):
         x, y = v[idx], v[idx + off]
         d = np.bitwise_count(x ^ y)
-        ok = (d <= radius) & (x != y)
+        ok = d <= radius  # values under one key are distinct hashes: d > 0
         if ok.any():
             sel = idx[ok]
             canon = _is_canonical(x[ok], y[ok], k[sel], s)
@@ -111,7 +113,8 @@ def pairs(key: np.ndarray, values: np.ndarray, radius: int) -> tuple[np.ndarray,
             out_b.append(order[sel + off])
             out_d.append(d[ok][canon].astype(np.uint8))
         off += 1
-        idx = idx[remaining[idx] >= off]
+        more = rem >= off
+        idx, rem = idx[more], rem[more]
     if not out_a:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8)
     return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_d)

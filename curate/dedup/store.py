@@ -114,13 +114,14 @@ def write_partitioned(table: pa.Table, part: np.ndarray, out: Path, name: str) -
     """Write the rows of ``table`` to ``out/pNNNNN/name.parquet`` by their partition number."""
     if table.num_rows == 0:
         return
-    order = np.argsort(part, kind="stable")
+    small = part.astype(np.int16) if part.max(initial=0) < 2**15 else part
+    order = np.argsort(small, kind="stable")  # radix sort for 16-bit ids
     sp = part[order]
     cuts = np.flatnonzero(np.diff(sp)) + 1
     for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(sp)]):
         d = out / f"p{int(sp[lo]):05d}"
         d.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table.take(pa.array(order[lo:hi])), d / f"{name}.parquet")
+        pq.write_table(table.take(pa.array(order[lo:hi])), d / f"{name}.parquet", compression="none")
 
 
 def partition_files(out: Path, p: int) -> list[str]:

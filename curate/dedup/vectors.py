@@ -51,20 +51,47 @@ def _setup(device: str):
     return faiss, (faiss.StandardGpuResources() if device == "cuda" else None)
 
 
-def embeddings(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A list<float16/float32> column without nulls as an (n, d) float64 array, L2-normalised."""
+def matrix(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A list<float> column without nulls as an (n, d) array of its own float type."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     n = len(col)
     if n == 0:
-        return np.zeros((0, 0))
+        return np.zeros((0, 0), np.float32)
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     d = int(lengths[0])
     if (lengths != d).any():
         raise ValueError(f"embeddings of different lengths ({sorted(set(lengths.tolist()))[:5]})")
-    x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(n, d)
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(n, d)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Rows L2-normalised in float64 (zero rows stay zero)."""
+    x = x.astype(np.float64)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norm > 0, norm, 1.0)
+
+
+def embeddings(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A list<float16/float32> column without nulls as an (n, d) float64 array, L2-normalised."""
+    return normalise(matrix(col))
+
+
+def pack(x: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """Rows of ``x`` as raw bytes (fast to write and read back in temporary files)."""
+    x = np.ascontiguousarray(x)
+    width = x.shape[1] * x.itemsize
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(x), [None, pa.py_buffer(x.tobytes())])
+
+
+def unpack(arr: pa.Array | pa.ChunkedArray, dtype: str) -> np.ndarray:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if len(arr) == 0:
+        return np.zeros((0, 0), dtype)
+    width = arr.type.byte_width
+    raw = np.frombuffer(arr.buffers()[1], np.uint8)[arr.offset * width:(arr.offset + len(arr)) * width]
+    return raw.view(dtype).reshape(len(arr), -1)
 
 
 def _knn(x32: np.ndarray, base32: np.ndarray, k: int, device: str):
@@ -119,7 +146,7 @@ def similar_pairs(x64: np.ndarray, threshold: float, device: str = "cpu"):
         index = faiss.IndexFlatIP(x32.shape[1])
         index.add(x32)
         lims, _, nbr = index.range_search(x32, low)
-        i = np.repeat(np.arange(n), np.diff(lims))
+        i = np.repeat(np.arange(n), np.diff(lims).astype(np.int64))
         keep = nbr > i
         i, j = i[keep], nbr[keep]
     return _verify(x64, i.astype(np.int64), j.astype(np.int64), threshold)
@@ -146,7 +173,7 @@ def _pairs_gpu(x32: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray]:
             index = faiss.IndexFlatIP(x32.shape[1])
             index.add(x32)
             lims, _, nb = index.range_search(x32[rows], low)
-            out_i.append(np.repeat(rows, np.diff(lims)))
+            out_i.append(np.repeat(rows, np.diff(lims).astype(np.int64)))
             out_j.append(nb)
             break
     i, j = np.concatenate(out_i), np.concatenate(out_j)

@@ -168,13 +168,16 @@ class RayRunner(Runner):
             log.info("scaling actor resources to fit the cluster: CPUs x%.2f, GPUs x%.2f", fc, fg)
         return fc, fg
 
-    def _add_stage(self, ds: Any, stage: Stage, state: Any, timing: Any, factors=(1.0, 1.0)) -> Any:
+    def _add_stage(self, ds: Any, stage: Stage, state: Any, timing: Any, factors=(1.0, 1.0),
+                   max_rows: int | None = None) -> Any:
         import ray
 
         res = stage.resources
         params = stage.params.model_dump(mode="json")
         num_cpus = max(0.05, res.num_cpus * factors[0]) if res.stateful else res.num_cpus
-        common = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=num_cpus)
+        # a batch larger than a shard would merge shards into one block and serialise the stages after it
+        batch_size = min(res.batch_size, max_rows) if max_rows else res.batch_size
+        common = dict(batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus)
         if res.num_gpus > 0 and self.gpus == 0:
             log.warning("stage %r asks for %s GPU per worker but the cluster has none: running it on CPUs",
                         stage.id, res.num_gpus)
@@ -200,7 +203,8 @@ class RayRunner(Runner):
         state = job.segment.head.state if job.segment.head is not None else None
         factors = self._fit_factors(job.segment.stages)
         for st in job.segment.stages:
-            ds = self._add_stage(ds, st, state if st is job.segment.head else None, timing, factors)
+            ds = self._add_stage(ds, st, state if st is job.segment.head else None, timing, factors,
+                                 max(job.expected_rows.values(), default=None))
         ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir), job.compression), batch_size=None,
                             batch_format="pyarrow", num_cpus=0.25)
         written = ds.take_all()

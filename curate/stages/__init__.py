@@ -8,3 +8,5 @@ from curate.stages import phash  # noqa: F401
 from curate.stages import dedup_exact  # noqa: F401
 from curate.stages import dedup_phash  # noqa: F401
 from curate.stages import dedup_semantic  # noqa: F401
+from curate.stages import clip_embed  # noqa: F401
+from curate.stages import language_id  # noqa: F401

@@ -10,7 +10,8 @@ Two backends (formulas in their modules):
   the caption, optionally conditioned on a prompt.  Without ``model`` a tiny
   randomly initialised GPT-2 is used (offline demo/tests) -- say so loudly.
 
-Writes ``caption_perplexity`` (float32).  Rows whose caption is null, blank, or
+On a GPU cluster give the hf backend ``num_gpus`` (e.g. 1) so that its Ray actors see
+a GPU.  Writes ``caption_perplexity`` (float32).  Rows whose caption is null, blank, or
 has nothing left to score after normalisation/tokenisation are rejected with
 ``empty_caption``.  The ``perplexity`` filter thresholds the column.
 """
@@ -45,14 +46,19 @@ class CaptionPerplexityParams(StageParams):
     normalize: bool = Field(True, description="kenlm: CCNet text normalisation before tokenising")
     # hf
     prompt: str | None = Field(None, description="hf: text the caption is conditioned on (not in the mean)")
-    prompt_separator: str = Field(" ", description="hf: put between the prompt and the caption")
+    prompt_separator: str = Field(" ", description="hf: put between the prompt and the caption (' ' suits byte-level "
+                                                   "BPE: GPT-2, Llama 3, Qwen; '' suits SentencePiece tokenizers "
+                                                   "that add the leading space themselves)")
     add_eos: bool = Field(False, description="hf: also score the end-of-text token after the caption")
     max_tokens: int = Field(128, ge=1, description="hf: captions are truncated to this many tokens")
     lm_batch_size: int = Field(32, ge=1, description="hf: captions per forward pass")
-    max_batch_tokens: int = Field(4096, ge=1, description="hf: padded tokens per forward pass at most")
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="hf: padded tokens per forward pass at most (default: logits of at most 2**24 "
+                                "values on the CPU, 2**28 on a GPU)")
     device: str = Field("auto", description="hf: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="hf: auto = bfloat16 on a GPU, float32 on the CPU")
+    dtype: Literal["auto", "float64", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="hf: auto = bfloat16 on a GPU; float64 on the CPU (results independent of batching "
+                            "and runner, bit for bit)")
     revision: str | None = Field(None, description="hf: model revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="hf: allow custom modelling code from the hub")
     seed: int = Field(0, description="hf: seed of the random-init offline model")

@@ -5,7 +5,10 @@ Default ``radius: 6`` (of 64 bits).  Measured on real photos (scikit-image) at t
 0.5x-2x by 0-4, light colour jitter by 0-2, 2 % crops by ~4 (5 % crops by up to 26, which
 pHash cannot follow: semantic dedup's job), while distinct crops of the same photo and
 different look-alike photos are >= 10 bits apart.  6 covers every re-encode and resize
-with a 4-bit margin to the closest look-alike.  Any radius 4-7 costs the same (see below).
+with a 4-bit margin to the closest look-alike.  On the quality corpus of
+``tests/test_dedup_quality.py`` (69 overlapping crops of 23 photos, 11 variants each) radius
+3 finds 94 % of re-encodes/resizes, 6 finds 99.8 %, both at pair precision 1.0.  Any radius
+4-7 costs the same (see below); 8-11 costs ~15x more.
 
 Algorithm (no all-pairs comparison, bounded memory):
 
@@ -22,6 +25,12 @@ Algorithm (no all-pairs comparison, bounded memory):
    hash is within ``radius``; ``duplicate_of`` = the closest such kept row;
 4. rows that shared a hash follow their hash's best row (its ``duplicate_of``, or the best
    row itself when it was kept).
+
+Scale: step 2 checks about ``4*C(16, s) * N^2 / 2^(17-s)`` candidate pairs for N uniformly
+spread distinct hashes (s = radius // 4): 1M hashes at radius 6 take ~1 min on 2 cores
+(``bench/dedup.py``), 16x less than FAISS brute force.  The work grows with N^2 / 65536, so
+beyond ~1e8 distinct hashes use radius <= 3 (32x fewer checks) or split the corpus.  Step 3
+holds only the near-duplicate edges in one process (memory ~ the number of near-duplicates).
 """
 
 from __future__ import annotations
@@ -45,7 +54,8 @@ from curate.registry import register
 
 log = logging.getLogger(__name__)
 
-KEYS_PER_PARTITION = 8_000_000
+KEYS_PER_PARTITION = 8_000_000  # ~0.5 GB of working memory in a pair-finding task
+VALUES_PER_CHUNK = 1 << 17  # key expansion: 8M keys at radius 4-7
 
 
 class DedupPhashParams(DedupParams):
@@ -73,11 +83,16 @@ def _values(args: tuple[str, str, int, str]) -> tuple[str, int]:
 
 
 def _keys(args: tuple[str, int, int, str, str]) -> None:
-    """Map side of the MIH shuffle: keys of one values file, written by key partition."""
+    """Map side of the MIH shuffle: keys of one values file, written by key partition.
+
+    Values are expanded ``VALUES_PER_CHUNK`` at a time (each gives 4*C(16, radius//4) keys)."""
     path, radius, parts, out, name = args
     values = pq.read_table(path, columns=[S.PHASH])[S.PHASH].to_numpy()
-    k, i = mih.keys(values, radius)
-    store.write_partitioned(pa.table({"k": k, "h": values[i]}), mih.partition_of(k, parts), Path(out), name)
+    for c, lo in enumerate(range(0, len(values), VALUES_PER_CHUNK)):
+        chunk = values[lo:lo + VALUES_PER_CHUNK]
+        k, i = mih.keys(chunk, radius)
+        store.write_partitioned(pa.table({"k": k, "h": chunk[i]}), mih.partition_of(k, parts), Path(out),
+                                f"{name}-{c:04d}")
 
 
 def _pairs(args: tuple[str, int, int, str]) -> int:

@@ -127,7 +127,7 @@ def random_blip(size: str = "tiny", seed: int = 0) -> tuple[Any, Any]:
 
 
 def dtype_kwarg(dtype) -> dict[str, Any]:
-    """``from_pretrained`` keyword for the weights' dtype (``dtype`` since transformers 4.56, ``torch_dtype`` before)."""
+    """``from_pretrained`` keyword for the dtype: ``dtype`` from transformers 4.56 on, ``torch_dtype`` before."""
     import transformers
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
@@ -145,12 +145,14 @@ def pick_device(device: str) -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str):
-    """``auto`` -> bfloat16 on a GPU that supports it (else float16), float32 on the CPU."""
+def pick_dtype(dtype: str, device: str, cpu_default: str = "float32"):
+    """``auto`` -> bfloat16 on a GPU that supports it (else float16), ``cpu_default`` on the CPU."""
     import torch
 
+    names = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        return names[cpu_default]
+    return names[dtype]

@@ -12,11 +12,16 @@ tokens only: prompt tokens condition the caption but are not in the mean.  With
 than ``max_tokens`` tokens are truncated.
 
 Captions are sorted by length and grouped into forward passes of at most
-``lm_batch_size`` captions and ``max_batch_tokens`` padded tokens; padding is on
-the right with an attention mask, so a caption's tokens attend to exactly the
-same positions whatever it is batched with (batched == one-by-one up to float
-rounding).  On a GPU the model runs in bf16 (``dtype: auto``); log-softmax is
-taken in float32.
+``lm_batch_size`` captions and ``max_batch_tokens`` padded tokens (default: what keeps
+the tokens x vocabulary logits under 2**24 values on a CPU -- they dominate the cost
+of small models -- and 2**28 on a GPU); padding is on the right with an attention
+mask, so a caption's tokens attend to exactly the same positions whatever it is
+batched with.  ``dtype: auto`` runs the model in float64 on the CPU: the stored
+float32 value is then the same bit for bit whatever the batching, thread count or
+runner (in float32 about one caption in five changes in its last bits with the batch
+composition -- enough to flip a keep_fraction decision at the threshold, and to make
+the local and Ray runners disagree).  On a GPU it runs in bf16 (fast; values then
+depend on the batch composition at the 1e-3 level), log-softmax in float32.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ log = logging.getLogger(__name__)
 class HFScorer:
     def __init__(self, model: str | None, *, prompt: str | None = None, prompt_separator: str = " ",
                  add_eos: bool = False, max_tokens: int = 128, lm_batch_size: int = 32,
-                 max_batch_tokens: int = 4096, device: str = "auto", dtype: str = "auto",
+                 max_batch_tokens: int | None = None, device: str = "auto", dtype: str = "auto",
                  revision: str | None = None, trust_remote_code: bool = False, seed: int = 0) -> None:
         import torch
 
@@ -39,7 +44,7 @@ class HFScorer:
                                              random_weights_warning)
 
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        self.dtype = pick_dtype(dtype, self.device, cpu_default="float64")
         self.warning = None
         if model:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,7 +53,7 @@ class HFScorer:
                                                            trust_remote_code=trust_remote_code)
             self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, **dtype_kwarg(self.dtype),
                                                               trust_remote_code=trust_remote_code).eval()
-            self.name = model
+            self.name = f"{model}@{revision}" if revision else model
         else:
             self.model, self.tokenizer = random_causal_lm("tiny", seed)
             self.model = self.model.to(self.dtype)
@@ -57,7 +62,11 @@ class HFScorer:
             log.warning(self.warning)
         self.model.to(self.device)
         self.prompt, self.add_eos, self.max_tokens = prompt, add_eos, max_tokens
-        self.lm_batch_size, self.max_batch_tokens = lm_batch_size, max_batch_tokens
+        self.lm_batch_size = lm_batch_size
+        if max_batch_tokens is None:  # bound the (tokens x vocab) logits: cache-sized on a CPU, ~1 GB on a GPU
+            budget = 2 ** 28 if self.device.startswith("cuda") else 2 ** 24
+            max_batch_tokens = max(64, budget // max(1, len(self.tokenizer)))
+        self.max_batch_tokens = max_batch_tokens
         tok = self.tokenizer
         self.sep = prompt_separator if prompt else ""
         prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -96,27 +105,31 @@ class HFScorer:
         return groups
 
     def _forward(self, seqs: list[list[int]]) -> list[float]:
-        """Mean NLL (nats) of the caption part of each sequence (prefix_ids + caption ids)."""
+        """Mean NLL (nats) of the caption part of each sequence (prefix_ids + caption ids); nan if none scored."""
         torch = self._torch
         p = len(self.prefix_ids)
+        first = max(p, 1) - 1  # the position whose logits predict the first scored token
         width = p + max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        # targets[r, t] = token t + 1 where that token is a caption token, else ignored: aligned with the logits,
+        # so the cross-entropy runs on the contiguous (rows * width, vocab) logits without a shifted copy
+        targets = torch.full((len(seqs), width), -100, dtype=torch.long)
         for r, s in enumerate(seqs):
             full = self.prefix_ids + s
             ids[r, : len(full)] = torch.tensor(full)
             mask[r, : len(full)] = 1
-            labels[r, p: len(full)] = torch.tensor(s)
-        ids, mask, labels = ids.to(self.device), mask.to(self.device), labels.to(self.device)
+            targets[r, first: len(full) - 1] = torch.tensor(full[first + 1:])
+        ids, mask, targets = ids.to(self.device), mask.to(self.device), targets.to(self.device)
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            targets = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets,
-                                                    ignore_index=-100, reduction="none")
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            if logits.dtype not in (torch.float32, torch.float64):
+                logits = logits.float()  # log-softmax of bf16/fp16 logits in float32
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                    ignore_index=-100, reduction="none").view(targets.shape)
             keep = targets != -100
             count = keep.sum(1)
-            mean = (nll * keep).sum(1) / count.clamp(min=1)
+            mean = (nll.double() * keep).sum(1) / count.clamp(min=1)
         return [m if c else math.nan for m, c in zip(mean.double().cpu().tolist(), count.cpu().tolist())]
 
     def score(self, texts: list[str]) -> list[float | None]:

@@ -6,9 +6,14 @@ of"``), Florence-2 (task prompt ``"<MORE_DETAILED_CAPTION>"``), LLaVA-style mode
 and Qwen2-VL (chat models: the prompt is wrapped by the processor's chat template
 with the image, ``prompt_format: auto``).  Images are decoded, processed and
 generated in batches of ``gen_batch_size`` (left padding for decoder-only models,
-so one batch's captions equal one-by-one generation with greedy/beam decoding); on
-a GPU the model runs in bf16; the same code runs on the CPU.  Without ``model`` a
-tiny randomly initialised BLIP is used (offline demo/tests) and a warning says so.
+so one batch's captions equal one-by-one generation with greedy/beam decoding).
+On a GPU the model runs in bf16; the same code runs on the CPU, in float64 by
+default there, so that float rounding (which depends on the batch shape and thread
+count) cannot flip a near-tied token: the local and Ray runners write the same
+captions.  Without ``model`` a tiny randomly initialised BLIP is used (offline
+demo/tests) and a warning says so.  On a GPU cluster give the stage ``num_gpus``
+(e.g. 1: one actor per GPU under the Ray runner; Ray hides GPUs from workers that
+did not ask for one).
 
 It is the most expensive stage, so it belongs last: it only sees rows that passed
 every earlier filter.  ``only_kept: false`` also captions rows rejected earlier
@@ -61,8 +66,9 @@ class RecaptionParams(StageParams):
     seed: int = Field(0, description="seeds sampling (per batch) and the random-init offline model")
     gen_batch_size: int = Field(16, ge=1, description="images per generate() call")
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto = bfloat16 on a GPU, float32 on the CPU")
+    dtype: Literal["auto", "float64", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on a GPU; float64 on the CPU (greedy/beam captions then do not depend "
+                            "on the batching, thread count or runner)")
     revision: str | None = Field(None, description="model revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="allow custom modelling code from the hub (Florence-2 "
                                                        "before transformers had it)")
@@ -123,10 +129,10 @@ class Recaption(MapStage):
         p = self.params
         try:
             self.device = pick_device(p.device)
-            self.dtype = pick_dtype(p.dtype, self.device)
+            self.dtype = pick_dtype(p.dtype, self.device, cpu_default="float64")
             if p.model:
                 self.model, self.processor = self._load(p.model)
-                self.model_name = p.model
+                self.model_name = f"{p.model}@{p.revision}" if p.revision else p.model
             else:
                 self.model, self.processor = random_blip("tiny", p.seed)
                 self.model = self.model.to(self.dtype)
@@ -139,8 +145,8 @@ class Recaption(MapStage):
         self.tokenizer = getattr(self.processor, "tokenizer", None) or self.processor
         if not self.encoder_decoder and hasattr(self.tokenizer, "padding_side"):
             self.tokenizer.padding_side = "left"  # decoder-only generation continues right after the prompt
-        chat = p.prompt_format == "chat" or (p.prompt_format == "auto" and getattr(self.processor, "chat_template", None))
-        self.text = self._prompt_text(bool(chat))
+        has_template = bool(getattr(self.processor, "chat_template", None))
+        self.text = self._prompt_text(p.prompt_format == "chat" or (p.prompt_format == "auto" and has_template))
         self._torch = torch
 
     def _load(self, name: str):
