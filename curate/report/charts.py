@@ -52,6 +52,7 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
+    lo, hi = max(lo, 1e-12), max(hi, 1e-12)
     out = []
     for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
         for m in (1, 2, 5):
@@ -65,7 +66,7 @@ def histogram_svg(h: Histogram, title: str, width: int = 600, height: int = 250)
     ml, mr, mt, mb = 56, 16, 14 + 13 * len(h.thresholds), 42  # threshold labels sit above the plot
     pw, ph = width - ml - mr, height - mt - mb
     nb = len(h.edges) - 1
-    tx = (lambda v: math.log10(v)) if h.log else (lambda v: v)
+    tx = (lambda v: math.log10(max(v, 1e-12))) if h.log else (lambda v: v)  # a threshold may be <= 0
     x0, x1 = tx(h.edges[0]), tx(h.edges[-1])
     span = (x1 - x0) or 1.0
 
