@@ -150,8 +150,9 @@ def execute(config: Config) -> RunResult:
         log.info("%d rows in %d shards from %d file(s)%s", total, len(shards), len(files),
                  " (resumed)" if resumed else "")
         schema = _load_or_build_schema(layout, shards, stages)
-        _run_segments(config, runner, layout, split_segments(stages), shards, schema, stage_ids, run_id)
-    n_seg = len(split_segments(stages))
+        segments = split_segments(stages)
+        _run_segments(config, runner, layout, segments, shards, schema, stage_ids, run_id)
+    n_seg = len(segments)
     stats = build_stats(layout, stage_ids, stages, config, final_segment=n_seg - 1,
                         wall_seconds=time.time() - t_start)
     write_json_atomic(stats, layout.stats)

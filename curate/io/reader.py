@@ -7,6 +7,7 @@ Each reader yields ``RawBatch`` objects: the rows it could parse as a table
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
@@ -46,7 +47,7 @@ def input_columns(path: Path, fmt: str) -> list[str]:
             if not header.strip():
                 return []
             delim = "\t" if fmt == "tsv" else ","
-            return next(iter(__import__("csv").reader([header], delimiter=delim)))
+            return next(csv.reader([header], delimiter=delim))
         names: dict[str, None] = {}
         with _open_text(path) as f:
             for i, line in enumerate(f):

@@ -11,6 +11,7 @@ a shard is written the shard is finished (sorted, split into ``data/`` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -192,7 +193,7 @@ class RayRunner(Runner):
     def run_segment(self, job: SegmentJob) -> dict[str, float]:
         import ray
 
-        timing = _Timing.remote()
+        timing = _timing_actor_class().remote()
         parts_dir = job.layout.parts(job.segment.index)
         shutil.rmtree(parts_dir, ignore_errors=True)
         # one item per shard file, read by light tasks (Ray's file listing operator takes a whole CPU
@@ -221,7 +222,9 @@ class RayRunner(Runner):
         return ray.get(timing.snapshot.remote())
 
 
-def _make_timing_actor():
+@functools.lru_cache(maxsize=1)
+def _timing_actor_class():
+    """Per-stage seconds reported by the workers (defined lazily: ``ray`` is imported on use)."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -236,15 +239,3 @@ def _make_timing_actor():
             return dict(self.t)
 
     return Timing
-
-
-class _LazyTiming:
-    _cls = None
-
-    def remote(self):
-        if self._cls is None:
-            self._cls = _make_timing_actor()
-        return self._cls.remote()
-
-
-_Timing = _LazyTiming()
