@@ -95,6 +95,9 @@ def run_curate(inp: Path, out: Path, runner: str, processes: int, threads: int, 
            "stages": [{"stage": "download", "image_size": args.image_size, "resize_mode": "keep_ratio",
                        "resize_only_if_bigger": True, "encode_format": "jpg", "encode_quality": 90,
                        "timeout": 10, "thread_count": threads, "batch_size": args.shard,
+                       # the guard and the caps stay on (defaults: deadline 30 s, max_bytes 32 MiB,
+                       # max_image_pixels 89,478,485, max_per_host 16); only loopback is opened
+                       "allow_networks": ["127.0.0.0/8"], "max_per_host": threads,
                        **({"concurrency": processes, "num_cpus": 0.5} if runner == "ray" else {})}]}
     cfg_path = out.parent / f"{out.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

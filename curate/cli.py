@@ -130,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("curate: interrupted\n")
         return 130
+    except OSError as e:  # disk full, file too large, permission denied: the message names the file
+        if args.verbose:
+            log.exception("failed")
+        msg = e.strerror if e.strerror and e.filename is None else (str(e).splitlines() or [type(e).__name__])[0]
+        sys.stderr.write(f"curate: failed: {msg}\n")
+        return EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - one line for users, the traceback with -v
         if args.verbose:
             log.exception("failed")

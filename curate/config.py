@@ -30,6 +30,10 @@ class InputConfig(_Strict):
     caption_col: str = "caption"
     uid_col: str | None = Field(None, description="column holding a unique id; else uid = hash(url, caption)")
     shard_size: int = Field(10_000, ge=1, description="rows per work shard (and output file)")
+    max_caption_chars: int = Field(10_000, ge=1, description="longer captions are rejected (caption_too_long)")
+    max_url_chars: int = Field(8_192, ge=1, description="longer urls are rejected (url_too_long)")
+    max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024,
+                                description="longest JSONL/CSV line (and CSV field); longer ones are malformed_row")
 
 
 class OutputConfig(_Strict):

@@ -1,6 +1,6 @@
 """Ingest: read the input files, give every row a uid, reject rows that are bad
-on their own (missing/invalid url or caption, malformed lines) and cut the rows
-into work shards of ``input.shard_size`` rows.
+on their own (missing/invalid/over-long url or caption, malformed or undecodable
+records) and cut the rows into work shards of ``input.shard_size`` rows.
 
 Shard ids are ``FFFFF-CCCCC`` (input file index, chunk index), so ingest of
 different files can run in parallel and the shard ids never depend on timing.
@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from curate import schema as S
 from curate.config import InputConfig
 from curate.io.files import InputError, format_of, write_parquet_atomic
-from curate.io.reader import ROW, Malformed, RawBatch, bad_type_column, input_columns, iter_raw
+from curate.io.reader import BAD_ENCODING, ROW, Malformed, RawBatch, bad_type_column, input_columns, iter_raw
 from curate.table_ops import mark_rejected, stable_uid
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def check_input(files: list[Path], cfg: InputConfig) -> dict[str, list[str]]:
     found = {}
     for f in files:
         fmt = format_of(f, cfg.format)
-        cols = input_columns(f, fmt)
+        cols = input_columns(f, fmt, cfg.max_line_bytes)
         if not cols:
             log.warning("%s: empty input file (no rows)", f)
             found[str(f)] = cols
@@ -104,7 +104,7 @@ def normalize(raw: RawBatch, cfg: InputConfig, path: Path) -> pa.Table:
         S.SOURCE_FILE: pa.array([str(path)] * n, pa.string()),
         S.SOURCE_ROW: t[ROW] if n else pa.array([], pa.int64()),
     }
-    special = {cfg.url_col, cfg.caption_col, cfg.uid_col, ROW}
+    special = {cfg.url_col, cfg.caption_col, cfg.uid_col, ROW, BAD_ENCODING}
     for name in t.column_names:
         if name in special or name.startswith("__bad_type_"):
             continue
@@ -115,21 +115,38 @@ def normalize(raw: RawBatch, cfg: InputConfig, path: Path) -> pa.Table:
     for c in S.REJECT_COLUMNS:
         cols[c] = pa.nulls(n, pa.string())
     table = pa.table(cols)
-    table = _validate(table, t, cfg, url_list, cap_list, uids)
+    table = _validate(table, t, cfg, url_list, cap_list, uids, path)
     if raw.malformed:
         table = pa.concat_tables([table, _malformed_rows(raw.malformed, path, table.schema)])
     return table
 
 
-def _validate(table: pa.Table, raw: pa.Table, cfg: InputConfig, urls: list, caps: list, uids: list) -> pa.Table:
-    reasons: list[str | None] = [None] * len(urls)
-    details: list[str | None] = [None] * len(urls)
-    bad_url = raw[bad_type_column(cfg.url_col)].to_pylist() if bad_type_column(cfg.url_col) in raw.column_names \
-        else [False] * len(urls)
-    bad_cap = raw[bad_type_column(cfg.caption_col)].to_pylist() \
-        if bad_type_column(cfg.caption_col) in raw.column_names else [False] * len(urls)
+def _flags(raw: pa.Table, col: str, n: int) -> list:
+    return raw[col].to_pylist() if col in raw.column_names else [None] * n
+
+
+def _validate(table: pa.Table, raw: pa.Table, cfg: InputConfig, urls: list, caps: list, uids: list,
+              path: Path) -> pa.Table:
+    n = len(urls)
+    reasons: list[str | None] = [None] * n
+    details: list[str | None] = [None] * n
+    bad_enc = _flags(raw, BAD_ENCODING, n)
+    bad_url = _flags(raw, bad_type_column(cfg.url_col), n)
+    bad_cap = _flags(raw, bad_type_column(cfg.caption_col), n)
+    rows = table[S.SOURCE_ROW].to_pylist()
     for i, (u, c, uid) in enumerate(zip(urls, caps, uids)):
-        if bad_url[i]:
+        if bad_enc[i]:
+            reasons[i] = "invalid_encoding"
+            details[i] = f"{path.name} row {rows[i]}: {bad_enc[i]} not valid UTF-8 (bad bytes stored as U+FFFD)"
+        elif u is not None and len(u) > cfg.max_url_chars:
+            reasons[i] = "url_too_long"
+            details[i] = (f"url has {len(u)} characters, more than input.max_url_chars={cfg.max_url_chars} "
+                          f"(stored truncated to {cfg.max_url_chars})")
+        elif c is not None and len(c) > cfg.max_caption_chars:
+            reasons[i] = "caption_too_long"
+            details[i] = (f"caption has {len(c)} characters, more than input.max_caption_chars="
+                          f"{cfg.max_caption_chars} (stored truncated to {cfg.max_caption_chars})")
+        elif bad_url[i]:
             reasons[i], details[i] = "invalid_url", f"{cfg.url_col} is not a string"
         elif u is None:
             reasons[i], details[i] = "missing_url", f"{cfg.url_col} is null"
@@ -146,7 +163,19 @@ def _validate(table: pa.Table, raw: pa.Table, cfg: InputConfig, urls: list, caps
     mask = [r is not None for r in reasons]
     if not any(mask):
         return table
-    return mark_rejected(table, mask, pa.array(reasons, pa.string()), STAGE_ID, pa.array(details, pa.string()))
+    table = _truncate(table, S.URL, urls, cfg.max_url_chars)
+    table = _truncate(table, S.CAPTION, caps, cfg.max_caption_chars)
+    errors = ["encoding_error" if r == "invalid_encoding" else None for r in reasons]
+    return mark_rejected(table, mask, pa.array(reasons, pa.string()), STAGE_ID, pa.array(details, pa.string()),
+                         pa.array(errors, pa.string()))
+
+
+def _truncate(table: pa.Table, col: str, values: list, limit: int) -> pa.Table:
+    """Over-long values (always rejected) are stored cut to ``limit`` so rejected/ stays small."""
+    if not any(v is not None and len(v) > limit for v in values):
+        return table
+    cut = [v[:limit] if v is not None and len(v) > limit else v for v in values]
+    return table.set_column(table.schema.get_field_index(col), col, pa.array(cut, pa.string()))
 
 
 def _malformed_rows(bad: list[Malformed], path: Path, schema: pa.Schema) -> pa.Table:
@@ -155,10 +184,10 @@ def _malformed_rows(bad: list[Malformed], path: Path, schema: pa.Schema) -> pa.T
         S.UID: [stable_uid(None, f"{path}:{m.row}:{m.detail}") for m in bad],
         S.SOURCE_FILE: [str(path)] * n,
         S.SOURCE_ROW: [m.row for m in bad],
-        S.REJECT_REASON: ["malformed_row"] * n,
+        S.REJECT_REASON: [m.reason for m in bad],
         S.REJECT_STAGE: [STAGE_ID] * n,
         S.REJECT_DETAIL: [f"{path.name} row {m.row if m.row is not None else '?'}: {m.detail}" for m in bad],
-        S.ERROR_TYPE: ["parse_error"] * n,
+        S.ERROR_TYPE: [m.error_type for m in bad],
     }
     arrays = [pa.array(cols[f.name], f.type) if f.name in cols else pa.nulls(n, f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
@@ -179,7 +208,7 @@ def ingest_file(file_index: int, path: Path, cfg: InputConfig, out_dir: Path, co
         write_parquet_atomic(table, dest, compression)
         shards.append(ShardInfo(shard, table.num_rows, str(dest)))
 
-    for raw in iter_raw(path, cfg.format, min(cfg.shard_size, 65536), string_cols):
+    for raw in iter_raw(path, cfg.format, min(cfg.shard_size, 65536), string_cols, cfg.max_line_bytes):
         table = normalize(raw, cfg, path)
         while table.num_rows:
             take = min(cfg.shard_size - pending_rows, table.num_rows)

@@ -39,6 +39,11 @@ class Layout:
         return self.work / "run.json"
 
     @property
+    def input_manifest(self) -> Path:
+        """The input files (path, size, mtime_ns) the run reads; see ``curate.io.manifest``."""
+        return self.work / "input_manifest.json"
+
+    @property
     def ingest(self) -> Path:
         return self.work / "ingest"
 

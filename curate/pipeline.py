@@ -1,9 +1,9 @@
 """Run a pipeline: validate, ingest, run segments (global stages between them), write stats.
 
 ``run(config)`` is what ``curate run`` calls.  A run killed half-way and
-started again with the same config resumes: finished files and shards are
-skipped (their done markers), and the output ends up the same as an
-uninterrupted run's.
+started again with the same config and the same input files (the input
+manifest) resumes: finished files and shards are skipped (their done markers),
+and the output ends up the same as an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from curate.config import Config, ConfigError, load_config
 from curate.context import FitContext
 from curate.ingest import STAGE_ID as INPUT_ID
 from curate.ingest import ShardInfo, check_input
-from curate.io.files import InputError, list_input_files, write_json_atomic, write_text_atomic
+from curate.io.files import InputError, list_input_files, write_bytes_atomic, write_json_atomic, write_text_atomic
+from curate.io.manifest import build_manifest, describe_changes, read_manifest
 from curate.layout import Layout
 from curate.runners import make_runner
 from curate.runners.base import Runner
@@ -54,15 +55,36 @@ def build_stages(config: Config) -> list[Stage]:
     return [UniqueUid({"id": "unique_uid"})] + [registry.create(p.model_dump()) for p in config.stages]
 
 
-def prepare_output(config: Config, layout: Layout) -> bool:
-    """Create the output dir; returns True when resuming a previous run of the same config."""
+def _input_change(layout: Layout, manifest: dict[str, Any]) -> str | None:
+    """How the current input differs from the one the output was started with (None: it does not)."""
+    old = read_manifest(layout.input_manifest)
+    if old is None:
+        return "no input manifest was recorded for it"
+    return describe_changes(old, manifest)
+
+
+def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any]) -> bool:
+    """Create the output dir; returns True when resuming a previous run of the same config and input.
+
+    A resume must read the very input the output was started with (``manifest``, see
+    ``curate.io.manifest``); otherwise it is refused, or with ``output.overwrite`` the
+    output is started over from the current input.
+    """
     h = config.work_hash()
     if layout.run_file.exists():
         prev = json.loads(layout.run_file.read_text())
         if prev.get("work_hash") == h:
-            log.info("resuming the run in %s", layout.root)
-            return True
-        if not config.output.overwrite:
+            change = _input_change(layout, manifest)
+            if change is None:
+                log.info("resuming the run in %s", layout.root)
+                return True
+            if not config.output.overwrite:
+                raise InputError(f"output.path {layout.root}: input changed since this output was started: "
+                                 f"{change}; use a new output.path or --set output.overwrite=true to start over "
+                                 "from the current input")
+            log.warning("input changed since %s was started (%s); starting over (output.overwrite)",
+                        layout.root, change)
+        elif not config.output.overwrite:
             raise ConfigError(f"output.path {layout.root} holds a run made with another config; "
                               "choose a new output.path or --set output.overwrite=true")
     elif layout.root.exists() and any(not p.name.startswith("_demo") for p in layout.root.iterdir()):
@@ -76,6 +98,7 @@ def prepare_output(config: Config, layout: Layout) -> bool:
             elif p.exists():
                 p.unlink()
     layout.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, layout.input_manifest)  # before run.json: a run.json always has its manifest
     write_json_atomic({"work_hash": h, "created": time.time()}, layout.run_file)
     return False
 
@@ -104,9 +127,7 @@ def _load_or_build_schema(layout: Layout, shards: list[ShardInfo], stages: list[
     if path.exists():
         return pa.ipc.read_schema(pa.py_buffer(path.read_bytes()))
     schema = output_schema([s.path for s in shards], stages)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(schema.serialize().to_pybytes())
-    tmp.replace(path)
+    write_bytes_atomic(schema.serialize().to_pybytes(), path)
     return schema
 
 
@@ -120,9 +141,7 @@ def _fit(stage: GlobalStage, inputs: dict[str, str], rows: int, runner: Runner, 
     ctx = FitContext(sorted(inputs.values()), state_dir, runner.kind, runner.parallelism, rows)
     t0 = time.perf_counter()
     stage.set_state(stage.fit(ctx))
-    tmp = state_dir / f".state.{uuid.uuid4().hex[:6]}"
-    tmp.write_bytes(pickle.dumps(stage.state))
-    tmp.replace(state_file)
+    write_bytes_atomic(pickle.dumps(stage.state), state_file)
     write_json_atomic({stage.id: time.perf_counter() - t0}, layout.timing / f"fit-{stage.id}.json")
 
 
@@ -136,13 +155,14 @@ def execute(config: Config) -> RunResult:
         raise InputError(f"input.path {config.input.path}: no input files outside output.path")
     check_input(files, config.input)
     stages = build_stages(config)
-    resumed = prepare_output(config, layout)
+    manifest = build_manifest(config.input.path, files)
+    resumed = prepare_output(config, layout, manifest)
     write_text_atomic(config.to_yaml(), layout.config)
     run_id = f"{int(t_start)}-{uuid.uuid4().hex[:6]}"
     stage_ids = [INPUT_ID] + [s.id for s in stages]
     with make_runner(config) as runner:
         t0 = time.perf_counter()
-        shards = runner.ingest(files, config.input, layout, config.output.compression)
+        shards = runner.ingest(manifest["files"], config.input, layout, config.output.compression)
         write_json_atomic({INPUT_ID: time.perf_counter() - t0}, layout.timing / f"ingest-{run_id}.json")
         total = sum(s.rows for s in shards)
         if total == 0:
@@ -163,31 +183,47 @@ def execute(config: Config) -> RunResult:
 
 def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list[Segment],
                   shards: list[ShardInfo], schema: pa.Schema, stage_ids: list[str], run_id: str) -> None:
-    inputs = {s.shard: s.path for s in shards}
-    rows = {s.shard: s.rows for s in shards}
-    total = sum(rows.values())
+    """Run the segments in order; only the shards without a done marker are run again.
+
+    Each segment reads only the rows still live at its start (see ``curate.runners.flow``); a global
+    stage's ``fit`` reads the per-shard views the previous segment wrote (segment 0: the ingest shards).
+    """
+    from curate.runners.flow import fit_named_columns, live_count, view_path
+
+    base = {s.shard: s.path for s in shards}
     for seg in segments:
         final = seg.index == len(segments) - 1
-        job = SegmentJob(seg, {}, rows, final, layout, schema, stage_ids, config.output.compression)
-        pending = {sh: p for sh, p in inputs.items() if not job.done_marker(sh).exists()}
-        if pending and seg.head is not None:
-            _fit(seg.head, inputs, total, runner, layout)
-        if pending:
-            job.inputs = pending
-            log.info("segment %d (%s): %d of %d shards to do", seg.index,
-                     ", ".join(s.id for s in seg.stages), len(pending), len(inputs))
-            timing = runner.run_segment(job)
-            if timing:
-                write_json_atomic(timing, layout.timing / f"seg{seg.index}-{run_id}.json")
-        inputs = {sh: str(layout.segment_out(seg.index) / f"{sh}.parquet") for sh in inputs}
+        next_head = None if final else segments[seg.index + 1].head
+        job = SegmentJob(seg, {}, {}, final, layout, schema, stage_ids, config.output.compression,
+                         fit_named_columns(next_head) if next_head is not None else None)
+        pending = [sh for sh in base if not job.done_marker(sh).exists()]
+        if not pending:
+            continue
+        if seg.index == 0:
+            entering = {sh: live_count(p) for sh, p in base.items()}
+            fit_inputs = dict(base)
+        else:
+            prev = layout.done(f"seg-{seg.index - 1}")
+            entering = {sh: json.loads((prev / f"{sh}.json").read_text())["live"] for sh in base}
+            fit_inputs = {sh: str(view_path(layout, seg.index, sh)) for sh in base}
+        if seg.head is not None:
+            _fit(seg.head, fit_inputs, sum(entering.values()), runner, layout)
+        job.inputs = {sh: base[sh] for sh in pending}
+        job.expected_rows = {sh: entering[sh] for sh in pending}
+        log.info("segment %d (%s): %d of %d shards to do, %d rows live", seg.index,
+                 ", ".join(s.id for s in seg.stages), len(pending), len(base), sum(job.expected_rows.values()))
+        timing = runner.run_segment(job)
+        if timing:
+            write_json_atomic(timing, layout.timing / f"seg{seg.index}-{run_id}.json")
 
 
 def _cleanup(layout: Layout, n_segments: int) -> None:
     """The finished run no longer needs the intermediate shards (done markers and states stay)."""
     shutil.rmtree(layout.ingest, ignore_errors=True)
-    for k in range(n_segments):
+    for k in range(n_segments + 1):
         shutil.rmtree(layout.segment_out(k), ignore_errors=True)
         shutil.rmtree(layout.parts(k), ignore_errors=True)
+        shutil.rmtree(layout.work / f"view-{k}", ignore_errors=True)
 
 
 def _write_report(layout: Layout) -> None:

@@ -76,6 +76,80 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+OWNER_FILE = "curate-owner.json"
+
+
+def _record_owner(temp_dir: str, home: Path) -> None:
+    """Write which processes this local Ray instance consists of, so a later start can clean up after us."""
+    import json
+
+    import psutil
+
+    me = psutil.Process()
+    procs = []
+    for p in me.children(recursive=True):
+        try:
+            procs.append({"pid": p.pid, "created": p.create_time()})
+        except psutil.Error:
+            continue
+    data = {"driver": {"pid": me.pid, "created": me.create_time()}, "home": str(home), "procs": procs}
+    tmp = Path(temp_dir) / f".{OWNER_FILE}.tmp"
+    tmp.write_text(json.dumps(data))
+    tmp.replace(Path(temp_dir) / OWNER_FILE)
+
+
+def _same_process(pid: int, created: float):
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return p if abs(p.create_time() - created) < 1e-3 else None
+    except psutil.Error:
+        return None
+
+
+def cleanup_stale_instances(tmp_root: str | None = None) -> list[str]:
+    """Remove what local Ray instances of dead curate drivers left behind; returns their temp dirs.
+
+    Processes are found by PID (recorded with their start time, so a reused PID is never hit) and
+    by their command line naming the dead instance's own temp dir -- never by process name.
+    """
+    import json
+
+    import psutil
+
+    cleaned = []
+    root = Path(tmp_root or tempfile.gettempdir())
+    for owner in root.glob(f"curate-ray-*/{OWNER_FILE}"):
+        d = owner.parent
+        try:
+            info = json.loads(owner.read_text())
+        except (OSError, ValueError):
+            continue
+        drv = info.get("driver") or {}
+        if _same_process(int(drv.get("pid", -1)), float(drv.get("created", 0))) is not None:
+            continue  # its driver still runs
+        victims = [p for r in info.get("procs", []) if (p := _same_process(int(r["pid"]), float(r["created"])))]
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if p.pid != os.getpid() and any(str(d) in (a or "") for a in (p.info["cmdline"] or [])):
+                    victims.append(p)
+            except psutil.Error:
+                continue
+        for p in victims:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(victims, timeout=5)
+        shutil.rmtree(info.get("home") or "/nonexistent", ignore_errors=True)
+        shutil.rmtree(d, ignore_errors=True)
+        log.warning("cleaned up a local Ray instance left by a killed curate driver (pid %s): %d processes, %s",
+                    drv.get("pid"), len(victims), d)
+        cleaned.append(str(d))
+    return cleaned
+
+
 def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None,
                     object_store_memory: int | None = None) -> tuple[str, Path]:
     """Start a private single-node Ray on 127.0.0.1; returns (temp_dir, private_home)."""
@@ -86,6 +160,10 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None,
     real_home = os.path.expanduser("~")
     for k, v in _cache_env(real_home).items():
         os.environ.setdefault(k, v)
+    try:
+        cleanup_stale_instances()
+    except Exception:  # noqa: BLE001 - cleaning up after others must never stop a run
+        log.warning("could not clean up stale local Ray instances", exc_info=True)
     home = private_home()
     # Ray's unix sockets need a short path: keep the session dir directly under /tmp
     temp_dir = tempfile.mkdtemp(prefix="curate-ray-")
@@ -107,5 +185,6 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None,
             os.environ.pop("HOME", None)
         else:
             os.environ["HOME"] = old_home
+    _record_owner(temp_dir, home)
     log.info("started a local Ray instance (%s CPUs) in %s", ray.cluster_resources().get("CPU"), temp_dir)
     return temp_dir, home

@@ -125,10 +125,28 @@ class Stage:
     def setup(self) -> None:
         """Load models and other heavy things (called once per worker)."""
 
+    def teardown(self) -> None:
+        """Release what ``setup`` loaded beyond its attributes (open files, clients); optional."""
+
     def ensure_setup(self) -> None:
         if not self._ready:
+            before = set(vars(self))
             self.setup()
+            self._setup_attrs = set(vars(self)) - before - {"_setup_attrs"}
             self._ready = True
+
+    def ensure_teardown(self) -> None:
+        """Tear down and drop every attribute ``setup`` created (models, tokenizers), freeing their memory
+        -- GPU memory included -- so the stages of different segments are never resident together."""
+        if not self._ready:
+            return
+        try:
+            self.teardown()
+        finally:
+            for name in getattr(self, "_setup_attrs", ()):
+                self.__dict__.pop(name, None)
+            self._ready = False
+            release_memory()
 
     def process(self, table: pa.Table) -> pa.Table:
         raise NotImplementedError
@@ -166,6 +184,17 @@ class Stage:
         t0 = time.perf_counter()
         out = self.run_batch(prepare_for_stages(table))
         return StageResult(out, self.id, time.perf_counter() - t0)
+
+
+def release_memory() -> None:
+    """Collect garbage and return cached GPU memory to the driver (when torch is already loaded)."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class MapStage(Stage):

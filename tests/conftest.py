@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,70 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("CURATE_RAY_PROGRESS", "0")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The loopback-only network audit hook (tests/netguard/sitecustomize.py) is on for the whole suite: in
+# this process and, through PYTHONPATH, in every Python process it starts (CLI runs, Ray workers).  Any
+# connect or lookup outside 127.0.0.0/8 raises before it happens and is logged; the autouse fixture
+# `_loopback_only` fails the test during which one was attempted.
+NETGUARD_DIR = REPO / "tests" / "netguard"
+if not os.environ.get("CURATE_NETGUARD_LOG"):
+    os.environ["CURATE_NETGUARD_LOG"] = str(Path(tempfile.mkdtemp(prefix="curate-netguard-")) / "net.log")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(NETGUARD_DIR), os.environ.get("PYTHONPATH")) if p)
+    _spec = importlib.util.spec_from_file_location("curate_netguard_hook", NETGUARD_DIR / "sitecustomize.py")
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+NETGUARD_LOG = Path(os.environ["CURATE_NETGUARD_LOG"])
+
+
+class NetLog:
+    """The audit log's lines written since this object was made (or since ``mark()``)."""
+
+    def __init__(self) -> None:
+        self.mark()
+
+    def mark(self) -> None:
+        self.offset = NETGUARD_LOG.stat().st_size if NETGUARD_LOG.exists() else 0
+
+    def lines(self) -> list[str]:
+        if not NETGUARD_LOG.exists():
+            return []
+        with open(NETGUARD_LOG, "rb") as f:
+            f.seek(self.offset)
+            return f.read().decode(errors="replace").splitlines()
+
+    def blocked(self) -> list[str]:
+        return [x for x in self.lines() if x.startswith("BLOCKED")]
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only():
+    log = NetLog()
+    yield log
+    blocked = log.blocked()
+    assert not blocked, "non-loopback network attempts during this test:\n" + "\n".join(blocked[:20])
+
+
+@pytest.fixture
+def netlog(_loopback_only) -> NetLog:
+    """The audit log of this test (its lines so far: ``netlog.lines()``)."""
+    return _loopback_only
+
+
+@pytest.fixture(scope="session")
+def hostile_server():
+    """tests/hostile_server.py in its own process on 127.0.0.1: yields its base URL."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "hostile_server.py")], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 DEMO_ROWS = 240  # the session corpus; every kind of row appears at this size
 
 

@@ -18,7 +18,8 @@ from curate import schema as S
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins")
 CONFIG = {"input": {"path": "in.parquet"}, "output": {"path": "out"}, "runner": {"kind": "local"},
-          "stages": [{"stage": "download", "min_image_size": 16, "max_aspect_ratio": 10},
+          "stages": [{"stage": "download", "min_image_size": 16, "max_aspect_ratio": 10,
+                      "allow_networks": ["127.0.0.1/32"]},
                      {"stage": "clip_embed", "model": "tiny"}, {"stage": "clip_score", "min_score": 0.2},
                      {"stage": "dedup_phash"}]}
 WARNING = "RANDOM WEIGHTS -- clip_score is meaningless"

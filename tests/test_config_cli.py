@@ -54,9 +54,12 @@ def test_import_curate_is_light():
 
 def test_stage_on_a_table_in_a_notebook():
     t = pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a photo of a cat"]})
-    res = curate.create_stage("download", timeout=1)(t)
+    res = curate.create_stage("download", timeout=1)(t)  # loopback is refused by default
     assert res.kept.num_rows == 0 and res.rejected.num_rows == 1
+    assert res.rejected["reject_reason"][0].as_py() == "blocked_address"
+    res = curate.create_stage("download", timeout=1, allow_networks=["127.0.0.1/32"])(t)
     assert res.rejected["reject_reason"][0].as_py() == "download_failed"
+    assert res.rejected["error_type"][0].as_py() == "connection_refused"
 
 
 def test_cli_validate_run_stats(demo_input, tmp_path):

@@ -158,7 +158,8 @@ FILTERS = [("caption", {"min_words": 6}), ("image_size", {"min_side": 100}), ("a
 def _pipeline(demo_input, out, model_cfg: str, runner: str) -> dict:
     return {"input": {"path": str(demo_input), "uid_col": "uid", "shard_size": 60},
             "output": {"path": str(out)}, "runner": {"kind": runner},
-            "stages": [{"stage": "download", "image_size": 128, "timeout": 2, "min_image_size": 16},
+            "stages": [{"stage": "download", "image_size": 128, "timeout": 2, "min_image_size": 16,
+                        "allow_networks": ["127.0.0.1/32"]},
                        {"stage": "clip_embed", "model": model_cfg}]
             + [{"stage": s, **p} for s, p in FILTERS]}
 

@@ -64,10 +64,12 @@ def test_csv_malformed_line_and_carried_columns(tmp_path):
     assert len(rows) == 3
     kept = [r for r in rows if r["reject_reason"] is None]
     assert [r["caption"] for r in kept] == ["a cat, sleeping", "multi\nline caption"]
-    # an input column named like a curate column is carried under input_<name>
-    assert [r["input_original_width"] for r in kept] == [640, 320]
+    # an input column named like a curate column is carried under input_<name>; CSV has no types: text
+    assert [r["input_original_width"] for r in kept] == ["640", "320"]
     bad = [r for r in rows if r["reject_reason"] == "malformed_row"]
-    assert len(bad) == 1 and "expected 3 fields" in bad[0]["reject_detail"]
+    assert len(bad) == 1 and "expected 3 fields, got 4" in bad[0]["reject_detail"]
+    # source_row: the record index after the header (the malformed record counts, a quoted newline does not)
+    assert [r["source_row"] for r in rows] == [0, 1, 2] and bad[0]["source_row"] == 1
 
 
 def test_parquet_datacomp_style_uid(tmp_path):

@@ -145,7 +145,8 @@ def test_local_and_ray_runners_give_the_same_recaptions(demo_site, demo_input, r
                       "uid_col": "uid", "shard_size": 6},
             "output": {"path": str(tmp_path / runner)},
             "runner": {"kind": runner, "num_cpus": 2},
-            "stages": [{"stage": "download", "image_size": 64, "timeout": 2, "thread_count": 8},
+            "stages": [{"stage": "download", "image_size": 64, "timeout": 2, "thread_count": 8,
+                        "allow_networks": ["127.0.0.1/32"]},
                        {"stage": "recaption", "max_new_tokens": 8, "caption_mode": "fused", "batch_size": 16}],
         })
         outs[runner] = res.output

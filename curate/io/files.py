@@ -1,16 +1,20 @@
-"""Finding input files and writing Parquet atomically."""
+"""Finding input files and writing files atomically (errors name the file)."""
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 SUFFIXES = {
     ".parquet": "parquet",
@@ -61,27 +65,53 @@ def list_input_files(spec: str, declared: str = "auto") -> list[Path]:
     return [f.resolve() for f in files]
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, compression: str = "zstd") -> None:
-    """Write to a temp file beside ``path`` and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_error(path: Path, e: OSError) -> OSError:
+    """The same error, with a one-line message naming the file we could not write."""
+    errno = e.errno
+    found = re.search(r"\[errno (\d+)\]", str(e), re.IGNORECASE)  # pyarrow: "... Detail: [errno 28] ..."
+    if errno is None and found:
+        errno = int(found.group(1))
+    if errno:
+        reason = os.strerror(errno)
+    else:
+        reason = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return OSError(errno, f"cannot write {path}: {reason}")
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to a temp file beside ``path`` and rename: readers never see half a file.
+
+    Any OSError (disk full, file too large, permission denied...) becomes one whose
+    message names ``path``; the temp file is removed.
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        pq.write_table(table, tmp, compression=None if compression == "none" else compression)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            log.warning("could not remove the temp file %s", tmp)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, compression: str = "zstd") -> None:
+    _atomic(path, lambda tmp: pq.write_table(table, tmp, compression=None if compression == "none" else compression))
+
+
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    _atomic(path, write)
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    write_bytes_atomic(json.dumps(data, indent=2, sort_keys=False, default=str).encode(), path)
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes_atomic(text.encode(), path)

@@ -3,25 +3,48 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 from curate.config import InputConfig
 from curate.ingest import ShardInfo, ingest_file
-from curate.io.files import write_json_atomic
+from curate.io.files import InputError, write_json_atomic
+from curate.io.manifest import Entry, entry_change, file_entry, file_key
 from curate.layout import Layout
 from curate.runners.common import SegmentJob
 
+log = logging.getLogger(__name__)
 
-def ingest_task(args: tuple[int, str, InputConfig, str, str]) -> list[dict]:
-    """Ingest one input file unless a previous run already did (its done marker)."""
-    index, path, cfg, root, compression = args
+
+def _check_unchanged(entry: Entry, when: str) -> None:
+    now = file_entry(Path(entry["path"]))
+    if now != entry:
+        raise InputError(f"{entry['path']} changed {when} ({entry_change(entry, now)}); "
+                         "leave the input alone while a run reads it")
+
+
+def ingest_task(args: tuple[int, Entry, InputConfig, str, str]) -> list[dict]:
+    """Ingest one input file unless a previous run already did.
+
+    The done marker is named by the file's key (resolved path, size, mtime), not by its
+    position, and holds the entry and index it was made for: a marker is reused only for
+    the very same file at the same index (its shard ids ``FFFFF-CCCCC`` use the index).
+    """
+    index, entry, cfg, root, compression = args
     layout = Layout(Path(root))
-    marker = layout.done("ingest") / f"{index:05d}.json"
+    marker = layout.done("ingest") / f"{file_key(entry)}.json"
     if marker.exists():
-        return json.loads(marker.read_text())["shards"]
-    shards = [s.__dict__ for s in ingest_file(index, Path(path), cfg, layout.ingest, compression)]
-    write_json_atomic({"file": path, "shards": shards}, marker)
+        done = json.loads(marker.read_text())
+        if done.get("file") == entry and done.get("index") == index:
+            return done["shards"]
+        log.warning("%s: ingest marker %s was made for another file or index; ingesting again",
+                    entry["path"], marker.name)
+    _check_unchanged(entry, "since the run started")
+    path = Path(entry["path"])
+    shards = [s.__dict__ for s in ingest_file(index, path, cfg, layout.ingest, compression)]
+    _check_unchanged(entry, "while it was read")
+    write_json_atomic({"file": entry, "index": index, "shards": shards}, marker)
     return shards
 
 
@@ -38,8 +61,9 @@ class Runner:
     def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
         return [fn(x) for x in items]
 
-    def ingest(self, files: list[Path], cfg: InputConfig, layout: Layout, compression: str) -> list[ShardInfo]:
-        jobs = [(i, str(f), cfg, str(layout.root), compression) for i, f in enumerate(files)]
+    def ingest(self, files: list[Entry], cfg: InputConfig, layout: Layout, compression: str) -> list[ShardInfo]:
+        """Ingest the input manifest's files (in its order: a file's index is its shard id prefix)."""
+        jobs = [(i, f, cfg, str(layout.root), compression) for i, f in enumerate(files)]
         out: list[ShardInfo] = []
         for shards in self.map(ingest_task, jobs):
             out.extend(ShardInfo(**s) for s in shards)

@@ -1,4 +1,9 @@
-"""What both runners share: segments, running a stage in batches, writing a finished shard."""
+"""What both runners share: segments, running a stage in batches, finishing a shard.
+
+Only live rows flow between segments (see :mod:`curate.runners.flow`): a segment reads the
+rows still live at its start and writes, per shard, the columns it produced; a rejected row
+is written once and left behind.  The last segment writes ``data/`` and ``rejected/``.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curate import schema as S
 from curate.io.files import write_json_atomic, write_parquet_atomic
 from curate.layout import Layout
+from curate.runners.flow import ShardRows, live, write_group, write_view
 from curate.stage import GlobalStage, Stage
 
 
@@ -29,6 +34,11 @@ class Segment:
     @property
     def stages(self) -> list[Stage]:
         return ([self.head] if self.head else []) + self.maps
+
+    @property
+    def produces(self) -> list[str]:
+        """Columns the segment's stages write (stored in its column group)."""
+        return list(dict.fromkeys(f.name for st in self.stages for f in st.output_fields()))
 
 
 def split_segments(stages: list[Stage]) -> list[Segment]:
@@ -47,16 +57,26 @@ class SegmentJob:
     """One segment over the shards still to do."""
 
     segment: Segment
-    inputs: dict[str, str]  # shard id -> parquet path
-    expected_rows: dict[str, int]
+    inputs: dict[str, str]  # shard id -> its ingest file (the base every segment reads from)
+    expected_rows: dict[str, int]  # shard id -> rows entering the segment (live at its start)
     final: bool
     layout: Layout
-    schema: pa.Schema  # output schema (final) -- intermediate shards keep their own
+    schema: pa.Schema  # output schema (final)
     stage_ids: list[str]  # every stage id of the pipeline, in order (for stats)
     compression: str = "zstd"
+    view_columns: list[str] | None = None  # heavy columns of the next segment's fit view (None: no view)
 
     def done_marker(self, shard: str) -> Path:
         return self.layout.done(f"seg-{self.segment.index}") / f"{shard}.json"
+
+    def rows(self, shard: str) -> ShardRows:
+        return ShardRows(self.layout, shard, self.inputs[shard])
+
+    def light(self) -> "SegmentJob":
+        """This job without stage objects (cheap to send to a Ray task)."""
+        seg = Segment(self.segment.index, None, [])
+        return SegmentJob(seg, {}, {}, self.final, self.layout, self.schema, self.stage_ids, self.compression,
+                          self.view_columns)
 
 
 def run_stage_local(stage: Stage, table: pa.Table, timing: dict[str, float]) -> pa.Table:
@@ -107,26 +127,45 @@ def shard_stats(table: pa.Table, stage_ids: list[str]) -> dict[str, Any]:
     return {"rows": n, "kept": remaining, "stages": stages}
 
 
-def finish_shard(job: SegmentJob, shard: str, table: pa.Table, timing: dict[str, float] | None = None) -> dict:
-    """Write a shard that went through the whole segment, then its done marker (the resume point)."""
+def _check(job: SegmentJob, shard: str, n: int) -> None:
     expected = job.expected_rows.get(shard)
-    if expected is not None and table.num_rows != expected:
-        raise RuntimeError(f"shard {shard}: {table.num_rows} rows after segment {job.segment.index}, "
-                           f"expected {expected} -- rows were lost or duplicated")
-    table = sort_shard(table)
-    info: dict[str, Any] = {"shard": shard, "rows": table.num_rows, "seconds": timing or {}}
-    if job.final:
-        out = S.conform(table, job.schema)
-        kept_mask = pc.is_null(out[S.REJECT_REASON])
-        write_parquet_atomic(out.filter(kept_mask), job.layout.data / f"{shard}.parquet", job.compression)
-        write_parquet_atomic(out.filter(pc.invert(kept_mask)), job.layout.rejected / f"{shard}.parquet",
-                             job.compression)
-        info["stats"] = shard_stats(table, job.stage_ids)
+    if expected is not None and n != expected:
+        raise RuntimeError(f"shard {shard}: {n} rows after segment {job.segment.index}, expected {expected} "
+                           f"-- rows were lost or duplicated")
+
+
+def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
+                 timing: dict[str, float] | None = None) -> dict:
+    """Write what segment ``job`` made of a shard, then its done marker (the resume point).
+
+    ``table``: the segment's output rows with every column (local runner).  Without it the
+    segment's column group was written in parts (Ray runner) and is read back here.
+    """
+    k = job.segment.index
+    rows = job.rows(shard)
+    info: dict[str, Any] = {"shard": shard, "seconds": timing or {}}
+    if not job.final:
+        if table is not None:
+            write_group(job.layout, k, shard, table, job.segment.produces, job.compression)
+            n, after = table.num_rows, live(table)
+        else:
+            n = rows.group(k).num_rows
+            after = rows.entering(k + 1) if job.view_columns is not None else None
+        _check(job, shard, n)
+        if job.view_columns is not None:
+            write_view(job.layout, k + 1, shard, after, job.view_columns, job.compression)
+        info.update(rows=n, live=after.num_rows if after is not None else int(pc.sum(
+            pc.is_null(rows.group(k)[S.REJECT_REASON])).as_py() or 0))
     else:
-        write_parquet_atomic(table, job.layout.segment_out(job.segment.index) / f"{shard}.parquet", job.compression)
+        out = table if table is not None else rows.rows(rows.live_positions(k), k + 1)
+        _check(job, shard, out.num_rows)
+        kept = S.conform(sort_shard(live(out)), job.schema)
+        gone = [S.conform(t, job.schema) for t in rows.rejected_before(k)]
+        gone.append(S.conform(out.filter(pc.is_valid(out[S.REJECT_REASON])), job.schema))
+        rejected = sort_shard(pa.concat_tables(gone))
+        write_parquet_atomic(kept, job.layout.data / f"{shard}.parquet", job.compression)
+        write_parquet_atomic(rejected, job.layout.rejected / f"{shard}.parquet", job.compression)
+        info.update(rows=out.num_rows, live=kept.num_rows,
+                    stats=shard_stats(pa.concat_tables([kept, rejected]), job.stage_ids))
     write_json_atomic(info, job.done_marker(shard))
     return info
-
-
-def read_shard(path: str) -> pa.Table:
-    return pq.read_table(path)

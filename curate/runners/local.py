@@ -7,7 +7,7 @@ import logging
 from curate.config import RunnerConfig
 from curate.progress import progress
 from curate.runners.base import Runner
-from curate.runners.common import SegmentJob, finish_shard, read_shard, run_stage_local
+from curate.runners.common import SegmentJob, finish_shard, run_stage_local
 
 log = logging.getLogger(__name__)
 
@@ -19,20 +19,29 @@ class LocalRunner(Runner):
         self.cfg = cfg
 
     def run_segment(self, job: SegmentJob) -> dict[str, float]:
-        """Seconds are recorded per shard in its done marker, so nothing is returned."""
+        """Seconds are recorded per shard in its done marker, so nothing is returned.
+
+        The segment's stages are set up when it starts and torn down when it ends, so the models
+        of different segments (CLIP, the language model, the captioner) are never loaded together.
+        """
         timing: dict[str, float] = {}
-        for st in job.segment.stages:
-            st.ensure_setup()
-        names = " → ".join(s.id for s in job.segment.stages) or "write"
-        with progress(f"segment {job.segment.index}: {names}", total=len(job.inputs), unit="shard") as bar:
-            for shard, path in job.inputs.items():
-                table = read_shard(path)
-                shard_timing: dict[str, float] = {}
-                for st in job.segment.stages:
-                    table = run_stage_local(st, table, shard_timing)
-                finish_shard(job, shard, table, shard_timing)
-                for k, v in shard_timing.items():
-                    timing[k] = timing.get(k, 0.0) + v
-                bar.advance(1)
+        stages = job.segment.stages
+        names = " → ".join(s.id for s in stages) or "write"
+        try:
+            for st in stages:
+                st.ensure_setup()
+            with progress(f"segment {job.segment.index}: {names}", total=len(job.inputs), unit="shard") as bar:
+                for shard in job.inputs:
+                    table = job.rows(shard).entering(job.segment.index)
+                    shard_timing: dict[str, float] = {}
+                    for st in stages:
+                        table = run_stage_local(st, table, shard_timing)
+                    finish_shard(job, shard, table, shard_timing)
+                    for k, v in shard_timing.items():
+                        timing[k] = timing.get(k, 0.0) + v
+                    bar.advance(1)
+        finally:
+            for st in stages:
+                st.ensure_teardown()
         log.debug("segment %d seconds: %s", job.segment.index, timing)
         return {}

@@ -1,17 +1,20 @@
 """The Ray Data runner: the same stage code, scheduled as a streaming Ray Data pipeline.
 
-Each map stage becomes a ``map_batches`` over pyarrow batches: stages that
-load models (``Resources.stateful``) run in an actor pool (GPUs per actor from
-the config), the others as tasks.  Rows carry their work shard id; the last
-operator writes each batch's rows as parts per shard, and once every row of
-a shard is written the shard is finished (sorted, split into ``data/`` and
-``rejected/``) by a Ray task -- the same ``finish_shard`` the local runner calls.
+Each map stage becomes a ``map_batches`` over pyarrow batches: stages that load models
+(``Resources.stateful``) run in an actor pool (GPUs per actor from the config), the others as
+tasks.  The first operator reads the rows entering the segment per shard (live rows only, see
+:mod:`curate.runners.flow`); the last writes each batch's column-group part per shard and
+reports ``(shard, rows)``.  The driver consumes those reports as they stream in and finishes a
+shard -- done marker included -- as soon as all its rows cleared the segment, while other
+shards are still running: a killed run redoes only unfinished shards.
+
+Workers stay bounded: a task worker keeps one stage object (keyed by the segment's state
+token, not by object identity), and per-stage seconds ride along with the rows as a column
+summed by the write operator -- no round trip to a timing actor per batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import os
 import shutil
@@ -26,14 +29,20 @@ import pyarrow.compute as pc
 
 from curate import schema as S
 from curate.config import RunnerConfig
-from curate.io.files import write_parquet_atomic
+from curate.layout import Layout
 from curate.runners.base import Runner
-from curate.runners.common import Segment, SegmentJob, finish_shard
+from curate.runners.common import SegmentJob, finish_shard
+from curate.runners.flow import ShardRows, group_dir, write_group
 from curate.stage import Stage
 
 log = logging.getLogger(__name__)
 
-_STAGES: dict[str, Stage] = {}
+SECONDS = "__seconds_"  # + stage index: per-row share of the batch's seconds in that stage
+MAX_FINISHING = 32  # shard finish tasks in flight (the driver's memory stays flat)
+
+# this worker's stages of the current segment: {"key": segment token, index: stage}.  Consecutive task stages
+# are fused into one task, so a worker holds one object per stage of the segment -- never one per batch.
+_STAGES: dict[Any, Any] = {}
 
 
 def _build_stage(params: dict, state: Any) -> Stage:
@@ -46,64 +55,88 @@ def _build_stage(params: dict, state: Any) -> Stage:
     return stage
 
 
-class _StageActor:
-    """Actor-pool worker: the stage is set up once per actor."""
-
-    def __init__(self, params: dict, state: Any, timing: Any) -> None:
-        self.stage = _build_stage(params, state)
-        self.timing = timing
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import ray
-
-        t0 = time.perf_counter()
-        out = self.stage.run_batch(batch)
-        ray.get(self.timing.add.remote(self.stage.id, time.perf_counter() - t0))
-        return out
-
-
-def _stage_task(batch: pa.Table, params: dict, state: Any, timing: Any) -> pa.Table:
-    """Task worker for stateless stages; the stage object is cached per worker process."""
-    import json
-
-    import ray
-
-    key = json.dumps(params, sort_keys=True, default=str) + str(id(state))
-    stage = _STAGES.get(key)
-    if stage is None:
-        stage = _STAGES[key] = _build_stage(params, state)
+def _timed(stage: Stage, index: int, batch: pa.Table) -> pa.Table:
     t0 = time.perf_counter()
     out = stage.run_batch(batch)
-    ray.get(timing.add.remote(stage.id, time.perf_counter() - t0))
-    return out
+    share = (time.perf_counter() - t0) / max(1, out.num_rows)
+    return out.append_column(f"{SECONDS}{index}", pa.array([share] * out.num_rows, pa.float64()))
 
 
-def _read_shards(batch: pa.Table) -> pa.Table:
-    import pyarrow.parquet as pq
+class _StageActor:
+    """Actor-pool worker: the stage is set up once per actor (and freed with the actor)."""
 
-    return pa.concat_tables([pq.read_table(p) for p in batch["path"].to_pylist()], promote_options="permissive")
+    def __init__(self, params: dict, state: Any, index: int) -> None:
+        import ray
+
+        self.stage = _build_stage(params, ray.get(state[0]) if state else None)
+        self.index = index
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _timed(self.stage, self.index, batch)
 
 
-def _write_parts(batch: pa.Table, parts_dir: str, compression: str) -> pa.Table:
-    shards, paths, rows = [], [], []
+def _stage_task(batch: pa.Table, params: dict, state: list | None, key: str, index: int) -> pa.Table:
+    """Task worker for stateless stages: one stage object per stage of the segment and worker process.
+
+    ``key`` identifies the segment run; when it changes, the previous segment's stages are torn down.
+    ``state`` is ``[ObjectRef]`` (nested, so Ray does not fetch it for every batch): it is read
+    only when this worker builds the stage.
+    """
+    if _STAGES.get("key") != key:
+        for i, old in list(_STAGES.items()):
+            if i != "key":
+                old.ensure_teardown()
+        _STAGES.clear()
+        _STAGES["key"] = key
+    stage = _STAGES.get(index)
+    if stage is None:
+        value = None
+        if state:
+            import ray
+
+            value = ray.get(state[0])
+        stage = _STAGES[index] = _build_stage(params, value)
+    return _timed(stage, index, batch)
+
+
+def _read_entering(batch: pa.Table, root: str, k: int) -> pa.Table:
+    from curate.runners.flow import POS
+
+    tables = []
+    for shard, base in zip(batch["shard"].to_pylist(), batch["base"].to_pylist()):
+        t = ShardRows(Layout(Path(root)), shard, base).entering(k)
+        tables.append(t)
+    t = pa.concat_tables(tables, promote_options="permissive")
+    return t if POS in t.column_names else t.append_column(POS, pa.array([], pa.int64()))
+
+
+def _write_parts(batch: pa.Table, root: str, k: int, produced: list[str], n_stages: int,
+                 compression: str) -> pa.Table:
+    """Write the batch's column-group part of each shard in it; report rows and stage seconds per shard."""
+    layout = Layout(Path(root))
+    out: dict[str, list] = defaultdict(list)
     for shard in pc.unique(batch[S.SHARD]).to_pylist():
         part = batch.filter(pc.equal(batch[S.SHARD], shard))
-        path = Path(parts_dir) / shard / f"{uuid.uuid4().hex}.parquet"
-        write_parquet_atomic(part, path, compression)
-        shards.append(shard)
-        paths.append(str(path))
-        rows.append(part.num_rows)
-    return pa.table({"shard": pa.array(shards, pa.string()), "path": pa.array(paths, pa.string()),
-                     "rows": pa.array(rows, pa.int64())})
+        out["shard"].append(shard)
+        out["path"].append(write_group(layout, k, shard, part, produced, compression))
+        out["rows"].append(part.num_rows)
+        for i in range(n_stages):
+            col = f"{SECONDS}{i}"
+            out[col].append(pc.sum(part[col]).as_py() if col in part.column_names else 0.0)
+    schema = [("shard", pa.string()), ("path", pa.string()), ("rows", pa.int64())] + \
+        [(f"{SECONDS}{i}", pa.float64()) for i in range(n_stages)]
+    return pa.table({name: pa.array(out[name], t) for name, t in schema})
 
 
-def _finish(job: SegmentJob, shard: str, paths: list[str]) -> dict:
-    import pyarrow.parquet as pq
-
-    table = pa.concat_tables([pq.read_table(p) for p in paths], promote_options="permissive")
-    info = finish_shard(job, shard, table)
-    shutil.rmtree(Path(paths[0]).parent, ignore_errors=True)
-    return info
+def _finish(job: SegmentJob, shard: str, inputs: dict[str, str], expected: dict[str, int],
+            seconds: dict[str, float], empty: bool) -> dict:
+    job.inputs, job.expected_rows = inputs, expected
+    table = ShardRows(job.layout, shard, inputs[shard]).entering(job.segment.index) if empty else None
+    if table is not None:  # no row entered this segment: nothing ran, write the (empty) group as is
+        for c in job.schema.names:
+            if c not in table.column_names:
+                table = table.append_column(job.schema.field(c), pa.nulls(0, job.schema.field(c).type))
+    return finish_shard(job, shard, table, seconds)
 
 
 class RayRunner(Runner):
@@ -169,8 +202,8 @@ class RayRunner(Runner):
             log.info("scaling actor resources to fit the cluster: CPUs x%.2f, GPUs x%.2f", fc, fg)
         return fc, fg
 
-    def _add_stage(self, ds: Any, stage: Stage, state: Any, timing: Any, factors=(1.0, 1.0),
-                   max_rows: int | None = None) -> Any:
+    def _add_stage(self, ds: Any, stage: Stage, index: int, state: list | None, key: str,
+                   factors=(1.0, 1.0), max_rows: int | None = None) -> Any:
         import ray
 
         res = stage.resources
@@ -186,56 +219,67 @@ class RayRunner(Runner):
             common["num_gpus"] = res.num_gpus * factors[1]
         if res.stateful:
             lo, hi = self._pool_size(stage)
-            return ds.map_batches(_StageActor, fn_constructor_args=(params, state, timing),
+            # a class per stage: Ray names the operator and the actor processes after it (ray::MapWorker(...))
+            actor_cls = type(f"Stage_{stage.id}", (_StageActor,), {"__module__": __name__})
+            return ds.map_batches(actor_cls, fn_constructor_args=(params, state, index),
                                   compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **common)
-        return ds.map_batches(_stage_task, fn_args=(params, state, timing), **common)
+        return ds.map_batches(_stage_task, fn_args=(params, state, key, index), **common)
 
     def run_segment(self, job: SegmentJob) -> dict[str, float]:
         import ray
 
-        timing = _timing_actor_class().remote()
-        parts_dir = job.layout.parts(job.segment.index)
-        shutil.rmtree(parts_dir, ignore_errors=True)
-        # one item per shard file, read by light tasks (Ray's file listing operator takes a whole CPU
-        # and starves actor pools on small machines)
-        ds = ray.data.from_items([{"path": p} for p in sorted(job.inputs.values())],
-                                 override_num_blocks=len(job.inputs))
-        ds = ds.map_batches(_read_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-        state = job.segment.head.state if job.segment.head is not None else None
-        factors = self._fit_factors(job.segment.stages)
-        for st in job.segment.stages:
-            ds = self._add_stage(ds, st, state if st is job.segment.head else None, timing, factors,
-                                 max(job.expected_rows.values(), default=None))
-        ds = ds.map_batches(_write_parts, fn_args=(str(parts_dir), job.compression), batch_size=None,
-                            batch_format="pyarrow", num_cpus=0.25)
-        written = ds.take_all()
-        by_shard: dict[str, list[str]] = defaultdict(list)
-        for r in written:
-            by_shard[r["shard"]].append(r["path"])
-        missing = set(job.inputs) - set(by_shard)
+        k = job.segment.index
+        stages = job.segment.stages
+        todo = sorted(s for s in job.inputs if job.expected_rows.get(s, 0) > 0)
+        empty = sorted(s for s in job.inputs if job.expected_rows.get(s, 0) == 0)
+        for shard in todo:  # parts an interrupted run left for unfinished shards
+            shutil.rmtree(group_dir(job.layout, k, shard), ignore_errors=True)
+        finish = ray.remote(num_cpus=0.25)(_finish)
+        light = job.light()
+        pending: list[Any] = []
+
+        def start(shard: str, seconds: dict[str, float], is_empty: bool) -> None:
+            pending.append(finish.remote(light, shard, {shard: job.inputs[shard]},
+                                         {shard: job.expected_rows.get(shard, 0)}, seconds, is_empty))
+            while len(pending) > MAX_FINISHING:
+                done, rest = ray.wait(pending, num_returns=1)
+                ray.get(done)
+                pending[:] = rest
+
+        for shard in empty:
+            start(shard, {}, True)
+        if todo:
+            ds = ray.data.from_items([{"shard": s, "base": job.inputs[s]} for s in todo],
+                                     override_num_blocks=len(todo))
+            # light tasks read one shard each (Ray's file listing operator takes a whole CPU and starves
+            # actor pools on small machines)
+            ds = ds.map_batches(_read_entering, fn_args=(str(job.layout.root), k), batch_size=1,
+                                batch_format="pyarrow", num_cpus=0.25)
+            head_state = [ray.put(job.segment.head.state)] if job.segment.head is not None else None
+            key = uuid.uuid4().hex
+            factors = self._fit_factors(stages)
+            max_rows = max((job.expected_rows[s] for s in todo), default=None)
+            for i, st in enumerate(stages):
+                ds = self._add_stage(ds, st, i, head_state if st is job.segment.head else None, key, factors,
+                                     max_rows)
+            ds = ds.map_batches(_write_parts, fn_args=(str(job.layout.root), k, job.segment.produces, len(stages),
+                                                       job.compression),
+                                batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+            got: dict[str, int] = defaultdict(int)
+            secs: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for row in batch.to_pylist():
+                    shard = row["shard"]
+                    got[shard] += row["rows"]
+                    for i, st in enumerate(stages):
+                        secs[shard][st.id] += row.get(f"{SECONDS}{i}") or 0.0
+                    if got[shard] >= job.expected_rows[shard]:  # every row of the shard cleared the segment
+                        start(shard, dict(secs.pop(shard)), False)
+                        del got[shard]
+            if got:
+                raise RuntimeError(f"segment {k}: rows of shards {sorted(got)[:5]} did not all come back")
+        ray.get(pending)
+        missing = [s for s in job.inputs if not job.done_marker(s).exists()]
         if missing:
-            raise RuntimeError(f"segment {job.segment.index}: no rows came back for shards {sorted(missing)[:5]}")
-        light = dataclasses.replace(job, segment=Segment(job.segment.index, None, []))
-        finish = ray.remote(num_cpus=0.5)(_finish)
-        ray.get([finish.remote(light, shard, paths) for shard, paths in sorted(by_shard.items())])
-        shutil.rmtree(parts_dir, ignore_errors=True)
-        return ray.get(timing.snapshot.remote())
-
-
-@functools.lru_cache(maxsize=1)
-def _timing_actor_class():
-    """Per-stage seconds reported by the workers (defined lazily: ``ray`` is imported on use)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Timing:
-        def __init__(self) -> None:
-            self.t: dict[str, float] = {}
-
-        def add(self, key: str, seconds: float) -> None:
-            self.t[key] = self.t.get(key, 0.0) + seconds
-
-        def snapshot(self) -> dict[str, float]:
-            return dict(self.t)
-
-    return Timing
+            raise RuntimeError(f"segment {k}: shards {missing[:5]} were not finished")
+        return {}  # seconds are in each shard's done marker

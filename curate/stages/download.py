@@ -1,23 +1,29 @@
-"""Download and resize images with img2dataset's own machinery.
+"""Download and resize images from hostile web servers.
 
-Each batch becomes an in-memory Arrow shard that img2dataset's
-``Downloader.download_shard`` processes exactly as it does on its own
-(thread pool, retries, X-Robots-Tag opt-outs, ``Resizer``, sha256); a small
-writer class collects its samples instead of writing tar/parquet files.  Under
-the Ray runner the batches download in parallel across the cluster.
+The fetch is curate's guarded client (:mod:`curate.net.http`, on urllib3): a deadline per
+request, ``max_bytes``, every address checked (no SSRF to loopback, private, link-local or
+metadata addresses unless ``allow_networks`` opens them), bounded redirects, at most
+``max_per_host`` requests to one host, ``Retry-After`` and optional robots.txt.  img2dataset's
+own fetch cannot bound a request's time or bytes, so only its X-Robots-Tag rule
+(``is_disallowed``) and its ``Resizer`` are used, the latter exactly as img2dataset's
+downloader uses it: download threads fetch, the worker's main thread decodes and resizes one
+image at a time, with at most ``2 x thread_count`` fetched images waiting (img2dataset's
+bound).  Image dimensions are read from the header (Pillow, no decode) and images above
+``max_image_pixels`` are rejected before any decoding.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import hashlib
+import io
 import logging
 import os
-import re
-import threading
-import uuid
+import warnings
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from curate import schema as S
 from curate.registry import register
@@ -26,7 +32,8 @@ from curate.table_ops import with_column
 
 log = logging.getLogger(__name__)
 
-_IDX = "__curate_idx"
+PILLOW_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb bound (Image.MAX_IMAGE_PIXELS)
+UA_BASE = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"  # img2dataset's
 
 
 class DownloadParams(StageParams):
@@ -40,8 +47,21 @@ class DownloadParams(StageParams):
     encode_quality: int = Field(95, ge=0, le=100, description="jpg/webp quality, png compression 0-9")
     skip_reencode: bool = False
     disable_all_reencoding: bool = False
-    timeout: float = Field(10.0, gt=0, description="seconds per request")
-    retries: int = Field(0, ge=0)
+    timeout: float = Field(10.0, gt=0, description="seconds: connect timeout and per-read timeout")
+    deadline: float = Field(30.0, gt=0, description="seconds for a whole request: connect, redirects, "
+                                                    "Retry-After waits and body")
+    max_bytes: int = Field(32 << 20, ge=1, description="largest response body (Content-Length and streamed)")
+    max_image_pixels: int = Field(PILLOW_MAX_PIXELS, ge=1, description="width x height read from the header; "
+                                  "larger images are rejected without decoding")
+    max_redirects: int = Field(5, ge=0)
+    max_per_host: int = Field(16, ge=1, description="concurrent requests to one host (per worker)")
+    allow_networks: list[str] = Field(default_factory=list, description="CIDRs fetched although not global "
+                                      "unicast (e.g. 127.0.0.0/8 for a local server); everything else "
+                                      "non-global is refused as blocked_address")
+    static_hosts: dict[str, list[str]] = Field(default_factory=dict, description="host name -> addresses, "
+                                               "used instead of DNS (like curl --resolve); still guarded")
+    respect_robots_txt: bool = Field(False, description="fetch and obey each host's robots.txt (cached)")
+    retries: int = Field(0, ge=0, description="extra attempts after a transient error (within the deadline)")
     thread_count: int = Field(32, ge=1, description="download threads per worker")
     user_agent_token: str | None = Field(None, description="token added to the User-Agent and matched in X-Robots-Tag")
     disallowed_header_directives: list[str] = Field(
@@ -49,42 +69,44 @@ class DownloadParams(StageParams):
         description="X-Robots-Tag directives that opt an image out ([] to ignore them)",
     )
     min_image_size: int = Field(0, ge=0, description="reject images whose shorter side is smaller")
-    max_image_area: float | None = Field(None, gt=0, description="reject images with more pixels")
+    max_image_area: float | None = Field(None, gt=0, description="reject images with more pixels (after decoding; "
+                                         "see max_image_pixels for the check before it)")
     max_aspect_ratio: float | None = Field(None, ge=1, description="reject images more elongated")
 
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        from curate.net.guard import parse_networks
 
-_HTTP = re.compile(r"HTTP Error (\d{3})")
+        parse_networks(v)
+        return v
+
+    @field_validator("static_hosts")
+    @classmethod
+    def _static(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        import ipaddress
+
+        for host, addrs in v.items():
+            for a in addrs:
+                try:
+                    ipaddress.ip_address(a)
+                except ValueError:
+                    raise ValueError(f"static_hosts.{host}: {a!r} is not an IP address") from None
+        return v
 
 
-def classify(status: str | None, error: str | None) -> tuple[str, str | None]:
-    """(reject_reason, error_type) for a failed sample."""
-    e = (error or "").lower()
-    if status == "failed_to_resize":
-        if e == "image too small":
-            return "image_too_small", None
-        if e == "image area too large":
-            return "image_too_large", None
-        if e == "aspect ratio too large":
-            return "aspect_ratio_too_large", None
-        return "decode_failed", "decode_error"
-    if "x-robots-tag" in e:
-        return "opted_out", "x_robots_tag"
-    m = _HTTP.search(error or "")
-    if m:
-        return "download_failed", f"http_{m.group(1)}"
-    if "timed out" in e or "timeout" in e:
-        return "download_failed", "timeout"
-    if "refused" in e:
-        return "download_failed", "connection_refused"
-    if "name or service not known" in e or "nodename nor servname" in e or "getaddrinfo" in e:
-        return "download_failed", "dns_error"
-    if "ssl" in e or "certificate" in e:
-        return "download_failed", "ssl_error"
-    if "hash mismatch" in e:
-        return "download_failed", "hash_mismatch"
-    if "remote end closed" in e or "connection reset" in e or "incomplete" in e:
-        return "download_failed", "connection_error"
-    return "download_failed", "other"
+RESIZE_ERRORS = {"image too small": "image_too_small", "image area too large": "image_too_large",
+                 "aspect ratio too large": "aspect_ratio_too_large"}
+
+
+class _Headers:
+    """img2dataset's ``is_disallowed`` reads headers through ``get_all`` (http.client's interface)."""
+
+    def __init__(self, headers: Any) -> None:
+        self.h = headers
+
+    def get_all(self, name: str, default: Any = None) -> Any:
+        return self.h.getlist(name) or default
 
 
 @register
@@ -100,11 +122,16 @@ class Download(MapStage):
     def setup(self) -> None:
         os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
         os.environ.setdefault("WANDB_MODE", "disabled")
-        from img2dataset.downloader import Downloader
+        from img2dataset.downloader import is_disallowed
         from img2dataset.resizer import Resizer
+        from PIL import Image
+
+        from curate.net.guard import AddressGuard
+        from curate.net.http import Fetcher
+        from curate.net.robots import RobotsCache
 
         p = self.params
-        self._downloader_cls = Downloader
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
         self._resizer = Resizer(
             image_size=p.image_size,
             resize_mode=p.resize_mode,
@@ -119,75 +146,102 @@ class Download(MapStage):
             max_image_area=p.max_image_area if p.max_image_area is not None else float("inf"),
             max_aspect_ratio=p.max_aspect_ratio if p.max_aspect_ratio is not None else float("inf"),
         )
-        self._lock = threading.Lock()
+        agent = p.user_agent_token or "curate"
+        directives = p.disallowed_header_directives
 
-    def _download(self, urls: list[str | None]) -> dict[int, tuple[bytes | None, dict[str, Any]]]:
-        import fsspec
+        def veto(headers: Any) -> tuple[str, str, str] | None:
+            if directives and is_disallowed(_Headers(headers), p.user_agent_token, directives):
+                return "opted_out", "x_robots_tag", "Use of image disallowed by X-Robots-Tag directive"
+            return None
 
-        p = self.params
-        results: dict[int, tuple[bytes | None, dict[str, Any]]] = {}
+        self.fetcher = Fetcher(
+            AddressGuard(p.allow_networks, static_hosts=p.static_hosts, resolve_timeout=min(p.timeout, p.deadline)),
+            timeout=p.timeout, deadline=p.deadline, max_bytes=p.max_bytes, max_redirects=p.max_redirects,
+            max_per_host=p.max_per_host, retries=p.retries, user_agent=f"{UA_BASE} (compatible; {agent})",
+            robots=RobotsCache(agent) if p.respect_robots_txt else None, veto=veto)
 
-        class _Collect:  # img2dataset's sample-writer interface, keeping samples in memory
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                pass
+    def teardown(self) -> None:
+        fetcher = getattr(self, "fetcher", None)
+        if fetcher is not None:
+            fetcher.close()
 
-            def write(self, img_str: bytes | None, key: str, caption: Any, meta: dict[str, Any]) -> None:
-                results[int(meta[_IDX])] = (img_str, meta)
+    def _image(self, body: bytes) -> tuple[dict[str, Any] | None, tuple[str, str | None, str] | None]:
+        """Header check, then img2dataset's Resizer: (columns, None) or (None, (reason, error_type, detail))."""
+        from PIL import Image
 
-            def close(self) -> None:
-                pass
-
-        shard = pa.table({"url": pa.array(urls, pa.string()), _IDX: pa.array(range(len(urls)), pa.int64())})
-        fs = fsspec.filesystem("memory")
-        path = f"/curate-download/{uuid.uuid4().hex}.arrow"
-        with fs.open(path, "wb") as f, pa.ipc.new_file(f, shard.schema) as w:
-            w.write_table(shard)
         try:
-            downloader = self._downloader_cls(
-                sample_writer_class=_Collect, resizer=self._resizer, thread_count=p.thread_count,
-                save_caption=False, extract_exif=False, output_folder="memory://curate-unused",
-                column_list=["url", _IDX], timeout=p.timeout, number_sample_per_shard=max(len(urls), 10),
-                oom_shard_count=5, compute_hash="sha256", verify_hash_type=None,
-                encode_format=p.encode_format, retries=p.retries, user_agent_token=p.user_agent_token,
-                disallowed_header_directives=p.disallowed_header_directives or None,
-            )
-            downloader.download_shard((0, f"memory://{path}"))
-        finally:
-            if fs.exists(path):  # img2dataset removes its input shard itself when done
-                fs.rm(path)
-        return results
+            with Image.open(io.BytesIO(body)) as im:  # parses the header only
+                w, h = im.size
+        except Image.DecompressionBombError as e:
+            return None, ("image_too_large", None, str(e)[:300])
+        except Image.UnidentifiedImageError:
+            return None, ("decode_failed", "decode_error", "not an image Pillow can identify from its header")
+        except Exception as e:  # noqa: BLE001 - any unreadable header (the message may hold object reprs)
+            return None, ("decode_failed", "decode_error", f"unreadable image header ({type(e).__name__})")
+        if w * h > self.params.max_image_pixels:
+            return None, ("image_too_large", None, f"{w}x{h} = {w * h:,} pixels > max_image_pixels "
+                                                   f"{self.params.max_image_pixels:,} (not decoded)")
+        img, width, height, ow, oh, err = self._resizer(io.BytesIO(body))
+        if err is not None or img is None:
+            reason = RESIZE_ERRORS.get(err or "")
+            return None, (reason, None, err) if reason else ("decode_failed", "decode_error", err or "no image")
+        return {S.IMAGE: img, S.WIDTH: width, S.HEIGHT: height, S.ORIGINAL_WIDTH: ow, S.ORIGINAL_HEIGHT: oh,
+                S.IMAGE_SHA256: hashlib.sha256(body).hexdigest()}, None
+
+    def _fetch(self, url: str | None) -> Any:
+        return self.fetcher.get(url or "")
 
     def process(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
-        results = self._download(table[S.URL].to_pylist())
+        urls = table[S.URL].to_pylist()
         cols: dict[str, list] = {c: [None] * n for c in self.produces}
         reasons: list[str | None] = [None] * n
         errtypes: list[str | None] = [None] * n
-        for i in range(n):
-            img, meta = results.get(i, (None, {"status": "failed_to_download",
-                                                 "error_message": "no result from the downloader"}))
-            status, error = meta.get("status"), meta.get("error_message")
-            cols[S.DOWNLOAD_STATUS][i] = status
-            cols[S.DOWNLOAD_ERROR][i] = error
-            if status == "success" and img is not None:
-                cols[S.IMAGE][i] = img
-                cols[S.WIDTH][i] = meta.get("width")
-                cols[S.HEIGHT][i] = meta.get("height")
-                cols[S.ORIGINAL_WIDTH][i] = meta.get("original_width")
-                cols[S.ORIGINAL_HEIGHT][i] = meta.get("original_height")
-                cols[S.IMAGE_SHA256][i] = meta.get("sha256")
-            else:
-                reasons[i], errtypes[i] = classify(status, error)
+        details: list[str | None] = [None] * n
+        window = 2 * self.params.thread_count  # fetched images waiting for the resizer, as img2dataset bounds them
+        with cf.ThreadPoolExecutor(max_workers=max(1, min(self.params.thread_count, n)),
+                                   thread_name_prefix="curate-download") as pool:
+            todo = iter(range(n))
+            running: dict[cf.Future, int] = {}
+            for i in (next(todo, None) for _ in range(window)):
+                if i is not None:
+                    running[pool.submit(self._fetch, urls[i])] = i
+            while running:
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    i = running.pop(fut)
+                    self._row(i, fut.result(), cols, reasons, errtypes, details)
+                    j = next(todo, None)
+                    if j is not None:
+                        running[pool.submit(self._fetch, urls[j])] = j
         for c in self.produces:
             table = with_column(table, c, cols[c])
         mask = [r is not None for r in reasons]
         if any(mask):
-            table = self.reject(table, mask, reasons, cols[S.DOWNLOAD_ERROR], errtypes)
+            table = self.reject(table, mask, reasons, details, errtypes)
         return table
+
+    def _row(self, i: int, resp: Any, cols: dict[str, list], reasons: list, errtypes: list, details: list) -> None:
+        if not resp.ok:
+            cols[S.DOWNLOAD_STATUS][i] = "failed_to_download"
+            reasons[i], errtypes[i], details[i] = resp.reason, resp.error_type, resp.detail
+            cols[S.DOWNLOAD_ERROR][i] = resp.detail
+            return
+        body, resp.body = resp.body, None
+        got, why = self._image(body)
+        if why is not None:
+            cols[S.DOWNLOAD_STATUS][i] = "failed_to_resize"
+            reasons[i], errtypes[i], details[i] = why
+            cols[S.DOWNLOAD_ERROR][i] = why[2]
+            return
+        cols[S.DOWNLOAD_STATUS][i] = "success"
+        for k, v in got.items():
+            cols[k][i] = v
 
     def describe(self) -> dict[str, Any]:
         p = self.params
         return {"image_size": p.image_size, "resize_mode": p.resize_mode, "encode_format": p.encode_format,
-                "timeout": p.timeout, "thread_count": p.thread_count}
-
-
+                "timeout": p.timeout, "deadline": p.deadline, "max_bytes": p.max_bytes,
+                "max_image_pixels": p.max_image_pixels, "allow_networks": p.allow_networks,
+                "max_per_host": p.max_per_host, "respect_robots_txt": p.respect_robots_txt,
+                "thread_count": p.thread_count}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ def _partition(args: tuple[str, str, int, int]) -> str | None:
     return out
 
 
+_CACHE_SHARDS = 8
+
+
 @register
 class UniqueUid(GlobalStage):
     name = "unique_uid"
@@ -76,7 +80,8 @@ class UniqueUid(GlobalStage):
         return {"files": outs, "count": n}
 
     def setup(self) -> None:
-        self._cache: dict[str, dict[int, tuple[str, int]]] = {}
+        # duplicates of the last few shards this worker saw: bounded, whatever the number of batches
+        self._cache: OrderedDict[str, dict[int, tuple[str, int]]] = OrderedDict()
 
     def _dups_for(self, shards: list[str]) -> dict[tuple[str, int], tuple[str, int]]:
         files = (self.state or {}).get("files") or []
@@ -92,6 +97,8 @@ class UniqueUid(GlobalStage):
         for s in shards:
             for row, first in self._cache.get(s, {}).items():
                 out[(s, row)] = first
+        while len(self._cache) > max(_CACHE_SHARDS, len(shards)):
+            self._cache.popitem(last=False)
         return out
 
     def process(self, table: pa.Table) -> pa.Table:

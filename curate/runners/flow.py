@@ -1,0 +1,186 @@
+"""Where a shard's rows live between segments: live rows only, each column written once.
+
+A work shard starts as its ingest file (the *base*).  Every row of it has a position
+``__pos`` there.  Segment ``k`` reads the rows still live at its start and writes a *column
+group* ``_work/seg-k/SHARD/*.parquet``: for exactly those rows, ``__pos``, the columns its
+stages produce and the reject columns.  So
+
+* a row rejected in segment ``k`` leaves the flow there: later segments never read or write
+  it again; its columns are those of the base and of the groups up to ``k``;
+* a column is written once, by the segment that made it: image bytes are written by the
+  download segment and by the final output, never by the segments between them.
+
+The rows entering segment ``k`` are assembled from the base and the groups ``< k`` by
+position (reads only).  A global stage's ``fit`` reads a *view* per shard
+(``_work/view-k/SHARD.parquet``): the live rows with their light columns (no image bytes,
+no embeddings unless the stage names them), written when the previous segment finished
+the shard.  Groups may consist of several part files (one per Ray batch); parts are named
+by their positions, so a retried write replaces its own part and duplicate rows collapse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curate import schema as S
+from curate.io.files import write_parquet_atomic
+from curate.layout import Layout
+
+POS = "__pos"
+
+
+def is_heavy(t: pa.DataType) -> bool:
+    """Column types a view leaves out unless asked for: bytes and vectors."""
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_list(t)
+            or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+
+
+def group_dir(layout: Layout, k: int, shard: str) -> Path:
+    return layout.segment_out(k) / shard
+
+
+def view_path(layout: Layout, k: int, shard: str) -> Path:
+    return layout.work / f"view-{k}" / f"{shard}.parquet"
+
+
+def read_base(path: str | Path) -> pa.Table:
+    t = pq.read_table(path)
+    return t.append_column(POS, pa.array(np.arange(t.num_rows, dtype=np.int64)))
+
+
+def read_group(layout: Layout, k: int, shard: str) -> pa.Table | None:
+    """Segment ``k``'s column group of a shard, sorted by position, duplicate positions collapsed."""
+    d = group_dir(layout, k, shard)
+    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+    if not files:
+        return None
+    t = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive").sort_by(POS)
+    pos = t[POS].to_numpy()
+    if len(pos) > 1 and (pos[1:] == pos[:-1]).any():  # a retried batch written twice: identical rows
+        keep = np.r_[True, pos[1:] != pos[:-1]]
+        t = t.filter(pa.array(keep))
+    return t
+
+
+def group_columns(table: pa.Table, produced: Iterable[str]) -> list[str]:
+    return [POS] + [c for c in dict.fromkeys(produced) if c in table.column_names and c not in S.REJECT_COLUMNS] \
+        + [c for c in S.REJECT_COLUMNS if c in table.column_names]
+
+
+def write_group(layout: Layout, k: int, shard: str, table: pa.Table, produced: Iterable[str],
+                compression: str) -> str:
+    """One part of segment ``k``'s column group (named by its positions: a rewrite replaces it)."""
+    t = table.select(group_columns(table, produced)).sort_by(POS)
+    pos = t[POS]
+    lo, hi = (pc.min(pos).as_py(), pc.max(pos).as_py()) if t.num_rows else (0, -1)
+    path = group_dir(layout, k, shard) / f"{lo:010d}-{hi:010d}-{t.num_rows}.parquet"
+    write_parquet_atomic(t, path, compression)
+    return str(path)
+
+
+def _take(t: pa.Table, pos: pa.Array) -> pa.Table:
+    idx = pc.index_in(pos, value_set=t[POS])
+    if idx.null_count:
+        raise RuntimeError(f"{idx.null_count} rows missing from a column group -- the work folder is damaged")
+    return t.take(idx)
+
+
+def _overlay(t: pa.Table, g: pa.Table) -> pa.Table:
+    """Columns of group ``g`` (same rows, same order) set on ``t``; the later group wins."""
+    for name in g.column_names:
+        if name == POS:
+            continue
+        col = g[name]
+        i = t.schema.get_field_index(name)
+        t = t.set_column(i, pa.field(name, col.type), col) if i >= 0 else t.append_column(pa.field(name, col.type), col)
+    return t
+
+
+def live(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_null(t[S.REJECT_REASON]))
+
+
+class ShardRows:
+    """The rows of one shard across segments (reads the base and the groups lazily, once each)."""
+
+    def __init__(self, layout: Layout, shard: str, base_path: str | Path) -> None:
+        self.layout, self.shard, self.base_path = layout, shard, base_path
+        self._base: pa.Table | None = None
+        self._groups: dict[int, pa.Table | None] = {}
+
+    def base(self) -> pa.Table:
+        if self._base is None:
+            self._base = read_base(self.base_path)
+        return self._base
+
+    def group(self, k: int) -> pa.Table:
+        if k not in self._groups:
+            self._groups[k] = read_group(self.layout, k, self.shard)
+        g = self._groups[k]
+        if g is None:
+            raise RuntimeError(f"shard {self.shard}: no output of segment {k} -- the work folder is damaged")
+        return g
+
+    def live_positions(self, k: int) -> pa.Array:
+        """Positions of the rows live at the start of segment ``k``."""
+        src = self.base() if k == 0 else self.group(k - 1)
+        return live(src)[POS].combine_chunks()
+
+    def rows(self, pos: pa.Array, upto: int) -> pa.Table:
+        """Rows at ``pos`` with the columns of the base and of groups ``0..upto-1``."""
+        t = _take(self.base(), pos)
+        for j in range(upto):
+            t = _overlay(t, _take(self.group(j), pos))
+        return t
+
+    def entering(self, k: int) -> pa.Table:
+        """The rows entering segment ``k`` (live at its start), every column they have."""
+        return self.rows(self.live_positions(k), k)
+
+    def rejected_before(self, k: int) -> list[pa.Table]:
+        """Rows rejected at ingest or in segments ``< k``, each with the columns it had then."""
+        out = [self.base().filter(pc.is_valid(self.base()[S.REJECT_REASON]))]
+        for j in range(k):
+            g = self.group(j)
+            pos = g.filter(pc.is_valid(g[S.REJECT_REASON]))[POS].combine_chunks()
+            if len(pos):
+                out.append(self.rows(pos, j + 1))
+        return [t for t in out if t.num_rows]
+
+
+def fit_named_columns(stage: object) -> list[str]:
+    """Heavy columns a global stage's fit may read: those in its ``needs`` or named by a parameter."""
+    named = set(getattr(stage, "needs", ()) or ())
+    params = getattr(stage, "params", None)
+    if params is not None:
+        named |= {v for v in params.model_dump().values() if isinstance(v, str)}
+    return sorted(named)
+
+
+def write_view(layout: Layout, k: int, shard: str, live_rows: pa.Table, named: list[str], compression: str) -> None:
+    """The fit view of segment ``k`` for a shard: its live rows, every light column and the ``named`` heavy ones."""
+    cols = [f.name for f in live_rows.schema if f.name != POS and (not is_heavy(f.type) or f.name in named)]
+    write_parquet_atomic(live_rows.select(cols), view_path(layout, k, shard), compression)
+
+
+def live_count(path: str | Path) -> int:
+    """Rows of an ingest shard not rejected at ingest (from the Parquet footer's null count when present)."""
+    md = pq.read_metadata(path)
+    names = md.schema.to_arrow_schema().names
+    if S.REJECT_REASON not in names:
+        return md.num_rows
+    j = names.index(S.REJECT_REASON)
+    nulls = 0
+    for r in range(md.num_row_groups):
+        st = md.row_group(r).column(j).statistics
+        if st is None or not st.has_null_count:
+            col = pq.read_table(path, columns=[S.REJECT_REASON])[S.REJECT_REASON]
+            return col.null_count
+        nulls += st.null_count
+    return nulls
