@@ -212,6 +212,15 @@ class GlobalStage(Stage):
 
     state: Any = None
 
+    def fit_columns(self, schema: pa.Schema) -> list[str]:
+        """Columns ``fit`` reads, among the pipeline's ``schema``: the runners give ``fit`` per-shard views
+        holding only these (no image bytes).  Default: the bookkeeping columns, ``needs``, every numeric
+        column (scores, sizes, hashes) and columns named by a string parameter (e.g. ``column:``)."""
+        named = set(self.needs) | {v for v in self.params.model_dump().values() if isinstance(v, str)}
+        always = [S.UID, S.SHARD, S.SOURCE_FILE, S.SOURCE_ROW, S.REJECT_REASON, *self.needs]
+        return always + [f.name for f in schema if f.name in named
+                         or pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+
     def set_state(self, state: Any) -> None:
         self.state = state
 

@@ -4,6 +4,8 @@ Each test asserts the reject reason, the accounting (every input row exactly onc
 rejected/) and, where it applies, the wall time or the RSS bound.  No packet leaves 127.0.0.0/8:
 names of private or link-local hosts resolve through ``static_hosts`` or a stub resolver, and
 the suite's audit hook (conftest ``_loopback_only``) fails any test that tries otherwise.
+The input side of the issue (input manifest, undecodable lines, source_row, caption and URL
+limits, write errors naming the file) is tested in tests/test_hostile_input.py.
 """
 
 from __future__ import annotations

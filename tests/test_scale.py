@@ -235,3 +235,22 @@ def test_ray_model_actor_killed_mid_stage(hostile_server, tmp_path, ray_cluster)
         a, b = read_dir(tmp_path / "ray" / sub), read_dir(ref / sub)
         assert a.num_rows == b.num_rows and rows_by_uid(a) == rows_by_uid(b), sub
     assert read_dir(ref / "data").num_rows + read_dir(ref / "rejected").num_rows == 48
+
+
+@pytest.mark.ray
+def test_a_shard_without_live_rows_on_both_runners(hostile_server, tmp_path, ray_cluster):
+    """Every row of the first shard fails to download: later segments have nothing of it to run."""
+    inp = _photos(tmp_path / "in.parquet", hostile_server, 8)
+    t = pq.read_table(inp)
+    urls = [f"{hostile_server}/missing-{i}.jpg" for i in range(4)] + t["url"].to_pylist()[4:]
+    pq.write_table(pa.table({"url": urls, "caption": t["caption"]}), inp)
+    outs = {}
+    for runner in ("local", "ray"):
+        outs[runner] = tmp_path / runner
+        curate.run(_cfg(inp, outs[runner], runner, 4, [{"stage": "dedup_phash"}]))
+    for sub in ("data", "rejected"):
+        assert rows_by_uid(read_dir(outs["local"] / sub)) == rows_by_uid(read_dir(outs["ray"] / sub)), sub
+    assert stage_counts(outs["local"]) == stage_counts(outs["ray"])
+    rej = read_dir(outs["ray"] / "rejected").to_pylist()
+    assert sum(r["reject_stage"] == "download" for r in rej) == 4
+    assert read_dir(outs["ray"] / "data").num_rows + len(rej) == 8

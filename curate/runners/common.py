@@ -64,7 +64,7 @@ class SegmentJob:
     schema: pa.Schema  # output schema (final)
     stage_ids: list[str]  # every stage id of the pipeline, in order (for stats)
     compression: str = "zstd"
-    view_columns: list[str] | None = None  # heavy columns of the next segment's fit view (None: no view)
+    view_columns: list[str] | None = None  # columns of the next segment's fit view (None: no view)
 
     def done_marker(self, shard: str) -> Path:
         return self.layout.done(f"seg-{self.segment.index}") / f"{shard}.json"
@@ -148,7 +148,8 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
         if table is not None:
             write_group(job.layout, k, shard, table, job.segment.produces, job.compression)
             n, after = table.num_rows, live(table)
-        else:
+        else:  # the view needs no image bytes: read the groups without the heavy columns it does not hold
+            rows = ShardRows(job.layout, shard, job.inputs[shard], heavy_kept=job.view_columns or [])
             n = rows.group(k).num_rows
             after = rows.entering(k + 1) if job.view_columns is not None else None
         _check(job, shard, n)

@@ -49,18 +49,26 @@ def view_path(layout: Layout, k: int, shard: str) -> Path:
     return layout.work / f"view-{k}" / f"{shard}.parquet"
 
 
-def read_base(path: str | Path) -> pa.Table:
-    t = pq.read_table(path)
+def _columns(path: str | Path, heavy_kept: list[str] | None) -> list[str] | None:
+    """Columns to read: all (None), or all but the heavy ones not in ``heavy_kept``."""
+    if heavy_kept is None:
+        return None
+    return [f.name for f in pq.read_schema(path) if not is_heavy(f.type) or f.name in heavy_kept]
+
+
+def read_base(path: str | Path, heavy_kept: list[str] | None = None) -> pa.Table:
+    t = pq.read_table(path, columns=_columns(path, heavy_kept))
     return t.append_column(POS, pa.array(np.arange(t.num_rows, dtype=np.int64)))
 
 
-def read_group(layout: Layout, k: int, shard: str) -> pa.Table | None:
+def read_group(layout: Layout, k: int, shard: str, heavy_kept: list[str] | None = None) -> pa.Table | None:
     """Segment ``k``'s column group of a shard, sorted by position, duplicate positions collapsed."""
     d = group_dir(layout, k, shard)
     files = sorted(d.glob("*.parquet")) if d.is_dir() else []
     if not files:
         return None
-    t = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive").sort_by(POS)
+    t = pa.concat_tables([pq.read_table(f, columns=_columns(f, heavy_kept)) for f in files],
+                         promote_options="permissive").sort_by(POS)
     pos = t[POS].to_numpy()
     if len(pos) > 1 and (pos[1:] == pos[:-1]).any():  # a retried batch written twice: identical rows
         keep = np.r_[True, pos[1:] != pos[:-1]]
@@ -109,19 +117,20 @@ def live(t: pa.Table) -> pa.Table:
 class ShardRows:
     """The rows of one shard across segments (reads the base and the groups lazily, once each)."""
 
-    def __init__(self, layout: Layout, shard: str, base_path: str | Path) -> None:
-        self.layout, self.shard, self.base_path = layout, shard, base_path
+    def __init__(self, layout: Layout, shard: str, base_path: str | Path, heavy_kept: list[str] | None = None) -> None:
+        """``heavy_kept``: read only the light columns and these heavy ones (None: every column)."""
+        self.layout, self.shard, self.base_path, self.heavy_kept = layout, shard, base_path, heavy_kept
         self._base: pa.Table | None = None
         self._groups: dict[int, pa.Table | None] = {}
 
     def base(self) -> pa.Table:
         if self._base is None:
-            self._base = read_base(self.base_path)
+            self._base = read_base(self.base_path, self.heavy_kept)
         return self._base
 
     def group(self, k: int) -> pa.Table:
         if k not in self._groups:
-            self._groups[k] = read_group(self.layout, k, self.shard)
+            self._groups[k] = read_group(self.layout, k, self.shard, self.heavy_kept)
         g = self._groups[k]
         if g is None:
             raise RuntimeError(f"shard {self.shard}: no output of segment {k} -- the work folder is damaged")
@@ -154,18 +163,9 @@ class ShardRows:
         return [t for t in out if t.num_rows]
 
 
-def fit_named_columns(stage: object) -> list[str]:
-    """Heavy columns a global stage's fit may read: those in its ``needs`` or named by a parameter."""
-    named = set(getattr(stage, "needs", ()) or ())
-    params = getattr(stage, "params", None)
-    if params is not None:
-        named |= {v for v in params.model_dump().values() if isinstance(v, str)}
-    return sorted(named)
-
-
-def write_view(layout: Layout, k: int, shard: str, live_rows: pa.Table, named: list[str], compression: str) -> None:
-    """The fit view of segment ``k`` for a shard: its live rows, every light column and the ``named`` heavy ones."""
-    cols = [f.name for f in live_rows.schema if f.name != POS and (not is_heavy(f.type) or f.name in named)]
+def write_view(layout: Layout, k: int, shard: str, live_rows: pa.Table, columns: list[str], compression: str) -> None:
+    """The fit view of segment ``k`` for a shard: its live rows with the ``columns`` its global stage's fit reads."""
+    cols = [c for c in dict.fromkeys(columns) if c in live_rows.column_names]
     write_parquet_atomic(live_rows.select(cols), view_path(layout, k, shard), compression)
 
 

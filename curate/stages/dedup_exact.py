@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 from pydantic import Field
 
 from curate import schema as S
@@ -96,6 +97,11 @@ class DedupExact(DedupStage):
     name = "dedup_exact"
     Params = DedupExactParams
     duplicate_kind = "exact"
+
+    def fit_columns(self, schema: pa.Schema) -> list[str]:
+        p: DedupExactParams = self.params  # type: ignore[assignment]
+        keys = {"image": S.IMAGE_SHA256, "url": S.URL, "caption": S.CAPTION}
+        return super().fit_columns(schema) + [keys[k] for k in p.key if keys[k] in schema.names]
 
     def fit(self, ctx: Any) -> Any:
         p: DedupExactParams = self.params  # type: ignore[assignment]

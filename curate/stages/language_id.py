@@ -10,6 +10,8 @@ filter thresholds these columns; this stage rejects nothing.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from typing import Any
 
 import pyarrow as pa
@@ -29,6 +31,32 @@ class LanguageIdParams(StageParams):
                                          "languages of py3langid)")
 
 
+_LOCK = threading.Lock()
+_MODEL: list[Any] = []  # the decompressed py3langid model, loaded once per process
+
+
+def _identifier() -> Any:
+    """A py3langid identifier; the model is decompressed once per process (segments and Ray task
+    workers set the stage up again).  py3langid streams its 65 MB model through a temporary file:
+    it goes to /dev/shm (memory) when there is one, not to the disk."""
+    import copy
+    import tempfile
+
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    with _LOCK:
+        if not _MODEL:
+            old = tempfile.tempdir
+            shm = "/dev/shm"
+            if os.path.isdir(shm) and os.access(shm, os.W_OK):
+                tempfile.tempdir = shm
+            try:
+                _MODEL.append(LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True))
+            finally:
+                tempfile.tempdir = old
+        return copy.copy(_MODEL[0])  # set_languages() changes an identifier: each stage gets its own
+
+
 @register
 class LanguageId(MapStage):
     name = "language_id"
@@ -39,9 +67,7 @@ class LanguageId(MapStage):
     params: LanguageIdParams
 
     def setup(self) -> None:
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-        self._ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        self._ident = _identifier()
         if self.params.candidates:
             unknown = sorted(set(self.params.candidates) - set(self._ident.nb_classes))
             if unknown:
