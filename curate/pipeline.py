@@ -188,14 +188,14 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
     Each segment reads only the rows still live at its start (see ``curate.runners.flow``); a global
     stage's ``fit`` reads the per-shard views the previous segment wrote (segment 0: the ingest shards).
     """
-    from curate.runners.flow import fit_named_columns, live_count, view_path
+    from curate.runners.flow import live_count, view_path
 
     base = {s.shard: s.path for s in shards}
     for seg in segments:
         final = seg.index == len(segments) - 1
         next_head = None if final else segments[seg.index + 1].head
         job = SegmentJob(seg, {}, {}, final, layout, schema, stage_ids, config.output.compression,
-                         fit_named_columns(next_head) if next_head is not None else None)
+                         next_head.fit_columns(schema) if next_head is not None else None)
         pending = [sh for sh in base if not job.done_marker(sh).exists()]
         if not pending:
             continue
