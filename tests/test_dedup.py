@@ -41,6 +41,29 @@ def order_rank(metric: list, uids: list[str]) -> list[int]:
     return r
 
 
+def phash_reference(hashes: list[int], uids: list[str], width, reject: list, radius: int) -> dict:
+    """dedup_phash by brute force (keep rule largest_image with height 10): uid -> (duplicate_of, detail)."""
+    n = len(hashes)
+    # identical hashes collapse onto their best row, then best-first over distinct hashes
+    active = [i for i in range(n) if reject[i] is None]
+    rank = order_rank([float(width[i]) * 10 for i in active], [uids[i] for i in active])
+    best: dict[int, int] = {}
+    for pos, i in sorted(zip(rank, active)):
+        best.setdefault(hashes[i], i)
+    vals = sorted(best)
+    vrank = [rank[active.index(best[h])] for h in vals]
+    near = {(x, y): -bin(vals[x] ^ vals[y]).count("1") for x, y in itertools.combinations(range(len(vals)), 2)
+            if bin(vals[x] ^ vals[y]).count("1") <= radius}
+    vt = ref_keep_one(vrank, near)
+    want = {}
+    for i in active:
+        x = vals.index(hashes[i])
+        if best[hashes[i]] != i or x in vt:
+            tgt = best[vals[vt[x]]] if x in vt else best[hashes[i]]
+            want[uids[i]] = (uids[tgt], f"phash distance {bin(hashes[i] ^ hashes[tgt]).count('1')} to {uids[tgt]}")
+    return want
+
+
 def jpeg(seed: int, size=(64, 48), q: int = 90) -> bytes:
     from PIL import Image
 
@@ -187,23 +210,7 @@ def test_phash_dedup_matches_bruteforce_reference(tmp_path, monkeypatch, radius)
                  reject_reason=pa.array(reject, pa.string()))
     paths = dc.write_shards(t, tmp_path / "shards", 97)
     got = dc.fit_apply({"stage": "dedup_phash", "radius": radius, "rows_per_partition": 150}, paths, tmp_path / "w")
-    # reference: identical hashes collapse onto their best row, then best-first over distinct hashes
-    active = [i for i in range(n) if reject[i] is None]
-    rank = order_rank([float(width[i]) * 10 for i in active], [uids[i] for i in active])
-    best: dict[int, int] = {}
-    for pos, i in sorted(zip(rank, active)):
-        best.setdefault(hashes[i], i)
-    vals = sorted(best)
-    vrank = [rank[active.index(best[h])] for h in vals]
-    near = {(x, y): -bin(vals[x] ^ vals[y]).count("1") for x, y in itertools.combinations(range(len(vals)), 2)
-            if bin(vals[x] ^ vals[y]).count("1") <= radius}
-    vt = ref_keep_one(vrank, near)
-    want = {}
-    for i in active:
-        x = vals.index(hashes[i])
-        if best[hashes[i]] != i or x in vt:
-            tgt = best[vals[vt[x]]] if x in vt else best[hashes[i]]
-            want[uids[i]] = (uids[tgt], f"phash distance {bin(hashes[i] ^ hashes[tgt]).count('1')} to {uids[tgt]}")
+    want = phash_reference(hashes, uids, width, reject, radius)
     assert len(want) > 50
     assert got == want
 
@@ -223,11 +230,12 @@ def _ref_keep_one(x: np.ndarray, uids: list[str], score: list, thr: float, group
     return {uids[v]: uids[u] for v, u in ref_keep_one(order_rank(score, uids), near).items()}
 
 
-@pytest.mark.parametrize("dense_max", [2048, 40])  # 40: FAISS range search instead of one matmul
-def test_semantic_exact_and_kmeans_match_reference(tmp_path, monkeypatch, dense_max):
+@pytest.mark.parametrize("block,bf16", [(512, True), (40, True), (40, False)])  # 40: many block pairs
+def test_semantic_exact_and_kmeans_match_reference(tmp_path, monkeypatch, block, bf16):
     from curate.dedup import vectors
 
-    monkeypatch.setattr(vectors, "_DENSE_MAX", dense_max)
+    monkeypatch.setattr(vectors, "_BLOCK", block)
+    monkeypatch.setattr(vectors, "USE_BF16", bf16)  # bf16 is used only where the CPU has AMX
     rng = np.random.default_rng(7)
     e, t = dc.emb_table(rng)
     paths = dc.write_shards(t, tmp_path / "shards", 64)
@@ -245,14 +253,16 @@ def test_semantic_exact_and_kmeans_match_reference(tmp_path, monkeypatch, dense_
     assert {u: d for u, (d, _) in got.items()} == want
 
 
-def _ref_semdedup(x: np.ndarray, c: np.ndarray, uids: list[str], eps: float) -> dict:
-    """SemDeDup as the paper describes it (float64): per cluster, farthest from the centroid first."""
+def _ref_semdedup(e: np.ndarray, c: np.ndarray, uids: list[str], eps: float) -> dict:
+    """SemDeDup as its code does it (in float64): per cluster, farthest from the centroid first by
+    ``1 - embedding . centroid`` (the embedding as stored), pairs by cosine."""
+    x, raw = _unit(e), e.astype(np.float64)
     c = c / np.linalg.norm(c, axis=1, keepdims=True)
     label = np.argmax(x @ c.T, axis=1)
     out = {}
     for k in range(len(c)):
         idx = np.flatnonzero(label == k)
-        dist = 1 - x[idx] @ c[k]
+        dist = 1 - raw[idx] @ c[k]
         idx = idx[np.lexsort((idx, -dist))]  # farthest first, ties by input order
         sim = np.triu(x[idx] @ x[idx].T, 1)
         best, arg = sim.max(axis=0), sim.argmax(axis=0)
@@ -269,7 +279,7 @@ def test_semdedup_mode_reproduces_the_paper_rule_with_given_centroids(tmp_path):
     paths = dc.write_shards(t, tmp_path / "shards", 50)
     got = dc.fit_apply({"stage": "dedup_semantic", "mode": "semdedup", "eps": 0.05, "centroids_path": str(cpath)},
                     paths, tmp_path / "w")
-    want = _ref_semdedup(_unit(e), np.load(cpath), t["uid"].to_pylist(), 0.05)
+    want = _ref_semdedup(e, np.load(cpath), t["uid"].to_pylist(), 0.05)
     assert {u: d for u, (d, _) in got.items()} == want and len(want) > 40
 
 

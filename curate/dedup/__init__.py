@@ -5,9 +5,11 @@ Design (the stage modules document their own parameters and defaults):
 
 * **Global, bounded.**  Every dedup stage is a ``GlobalStage``.  ``fit`` never holds the
   corpus in one process: rows are hash-partitioned (a DuckDB shuffle for keys and hashes,
-  k-means clusters for embeddings) and every partition / cluster bucket is one
-  ``ctx.map`` item, i.e. one Ray task under the Ray runner and a loop on the local runner.
-  Partition counts grow with the corpus (``rows_per_partition``), so a task's memory does not.
+  k-means clusters for embeddings, connected components for the pHash graph) and every
+  partition / cluster bucket is one ``ctx.map`` item (``store.map_tasks``), i.e. one Ray task
+  under the Ray runner -- even a lone item, so the driver only coordinates -- and a loop on the
+  local runner.  Partition counts grow with the corpus (``rows_per_partition``), so a task's
+  memory does not.
 * **Decisions on disk.**  What ``fit`` decides is written as small parquet files in the
   stage's ``work_dir``, one file per bucket of work shards, sorted by shard
   (:mod:`curate.dedup.store`).  ``fit`` returns only their location; ``process`` reads the
@@ -23,8 +25,9 @@ Design (the stage modules document their own parameters and defaults):
   ``dedup_semantic`` also offers ``mode: semdedup``, the SemDeDup paper's rule.
 * **Deterministic.**  Every order used is a function of the data (keep-rule values, uid,
   input position), never of shard layout, task count or thread count.  Float similarities
-  are searched in float32 (FAISS, CPU or GPU) with a safety margin and every decision is then
-  re-checked in float64 on the CPU, so CPU and GPU give the same decisions.
+  are searched in bf16 or float32 (torch on the CPU, FAISS on a GPU) with a safety margin that
+  bounds their rounding error, and every decision is then re-checked in float64 on the CPU, so
+  CPU and GPU give the same decisions.
 
 A row rejected by one dedup stage points at the row that stage kept; a later stage (or
 filter) may reject that kept row in turn, in which case ``duplicate_of`` chains can be

@@ -1,29 +1,63 @@
-"""FAISS pieces of semantic dedup, on the GPU when FAISS has one, on the CPU otherwise.
+"""Vector pieces of semantic dedup: nearest centroids, similar pairs, spherical k-means.
 
-Every search runs in float32 (FAISS) with a safety margin (``MARGIN``) and is then re-checked
-in float64 with numpy on the CPU: nearest centroids are picked among FAISS's best two in
-float64 (ties: the smaller centroid id), similar pairs are the candidates above
-``threshold - MARGIN`` whose float64 cosine is ``> threshold``.  Float32 error is ~1e-6, so CPU
-and GPU give the same decisions and so do different thread counts.  k-means is a plain
-spherical Lloyd loop whose assignment step uses the same nearest-centroid search and whose
-update step sums in float64 in a fixed order, so it is device-independent too.
+What is exact: every decision is taken in float64 on the CPU -- a cosine ``> threshold`` between
+rows L2-normalised in float64 (:func:`normalise`), a nearest centroid by float64 inner products.
+Fast searches only propose candidates, with a margin above their worst-case rounding error:
+
+* nearest centroids (:func:`nearest`): a float32 product (torch on the CPU, FAISS on a GPU)
+  proposes each row's best two centroids; where their scores are closer than ``MARGIN * |x|``
+  (float32's error is below ``d * 2^-24 * |x|``, i.e. 3e-5 |x| for d = 512) both are scored in
+  float64 (ties: the smaller centroid id);
+* similar pairs (:func:`similar_pairs`): fixed-size blocks of rows (normalised in float32)
+  multiplied with torch -- in bfloat16 on CPUs with AMX bf16 matrix units (oneDNN, products
+  accumulated in float32), in float32 otherwise -- over the upper triangle of block pairs;
+  every pair whose approximate cosine exceeds ``threshold - margin`` is re-checked in float64.
+  :data:`BF16_MARGIN` (2^-6) exceeds the bf16 path's worst case for unit rows of dimension up
+  to :data:`BF16_MAX_DIM` (inputs rounded to 8 bits: 2 * 2^-8, fp32 accumulation: d * 2^-24,
+  a bf16 result: 2^-8; 0.0122 at d = 4096), :data:`MARGIN` (1e-3) the float32 path's;
+  ``tests/test_dedup_scale.py`` checks the bound on the hardware and that both paths give the
+  float64 pairs.  So the pairs -- hence the decisions -- do not depend on the device, the
+  precision used or the thread count; only the number of candidates re-checked does.
+
+k-means (:func:`spherical_kmeans`) is FAISS's ``faiss.Kmeans(spherical=True)`` -- the call the
+SemDeDup reference makes -- always on the CPU, so the centroids do not depend on a GPU.  FAISS's
+CPU k-means gives the same centroids for any thread count (checked in the tests); another FAISS
+or BLAS build may round differently and so move a few rows between clusters.  (Before, curate ran
+its own float64 Lloyd loop: slower, device-independent, but unable to reproduce SemDeDup's
+clustering.)  Assignments to the centroids are exact as above.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 log = logging.getLogger(__name__)
+T, R = TypeVar("T"), TypeVar("R")
 
+#: float32 candidate margin: float32 dot products of unit rows err by < 1e-4 for d <= 4096
 MARGIN = 1e-3
+#: bf16 candidate margin: inputs rounded to bf16 (2 * 2^-8), fp32 accumulation (d * 2^-24)
+#: and a bf16 result (2^-8) err by < 0.0123 for unit rows of d <= BF16_MAX_DIM
+BF16_MARGIN = 2.0 ** -6
+BF16_MAX_DIM = 4096
 _CHUNK = 8192
 _GPU_MAX_K = 2048
-_DENSE_MAX = 2048  # clusters up to this size: one dense float32 matmul
+#: rows per block of the blocked pairwise product: 512 x 512 products stay in a core's L2 cache
+#: (measured ~800 GFLOPS on one AMX core in bf16, ~350 for 1024 x 1024)
+_BLOCK = 512
+#: on the GPU, clusters up to this size are searched by the CPU block product
+_DENSE_MAX = 2048
+#: set CURATE_DEDUP_BF16=0 to force float32 products
+USE_BF16 = os.environ.get("CURATE_DEDUP_BF16", "1") != "0"
 
 
 def gpu_available() -> bool:
@@ -44,11 +78,53 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def _threads() -> int:
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+
+
+@contextmanager
+def torch_single_thread() -> Iterator[None]:
+    """torch ops with one intra-op thread (restored after).  On small matrices torch's thread
+    pool costs more than it gains (measured: 100 products of 2000 x 512 in bf16 take the same
+    time on one thread as on two, and the elementwise steps take 3-8x longer on two); the dedup
+    tasks get their parallelism from :func:`parallel_map` and from Ray instead."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def parallel_map(fn: Callable[[T], R], items: list[T]) -> list[R]:
+    """``[fn(x) for x in items]`` on ``_threads()`` Python threads (torch and numpy release the GIL)."""
+    workers = min(_threads(), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
 def _setup(device: str):
     import faiss
 
-    faiss.omp_set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)))
+    faiss.omp_set_num_threads(_threads())
     return faiss, (faiss.StandardGpuResources() if device == "cuda" else None)
+
+
+@lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """True when this CPU multiplies bf16 matrices in hardware (AMX tiles), accumulating in fp32."""
+    try:
+        import torch
+
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:  # pragma: no cover - older torch
+        return False
 
 
 def matrix(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -81,7 +157,7 @@ def pack(x: np.ndarray) -> pa.FixedSizeBinaryArray:
     """Rows of ``x`` as raw bytes (fast to write and read back in temporary files)."""
     x = np.ascontiguousarray(x)
     width = x.shape[1] * x.itemsize
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(x), [None, pa.py_buffer(x.tobytes())])
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(x), [None, pa.py_buffer(x.view(np.uint8))])
 
 
 def unpack(arr: pa.Array | pa.ChunkedArray, dtype: str) -> np.ndarray:
@@ -94,6 +170,16 @@ def unpack(arr: pa.Array | pa.ChunkedArray, dtype: str) -> np.ndarray:
     return raw.view(dtype).reshape(len(arr), -1)
 
 
+def _tensor(a: np.ndarray) -> "torch.Tensor":  # noqa: F821
+    """A torch view of a numpy array -- often a read-only view of an Arrow buffer, which torch
+    warns about; it is only ever read here."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+
 def _knn(x32: np.ndarray, base32: np.ndarray, k: int, device: str):
     faiss, res = _setup(device)
     if res is not None:
@@ -103,53 +189,187 @@ def _knn(x32: np.ndarray, base32: np.ndarray, k: int, device: str):
     return index.search(x32, k)
 
 
-def nearest(x: np.ndarray, c64: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid (max cosine) of every row of ``x`` and that cosine, decided in float64."""
+def _top_centroids(raw: np.ndarray, c32: np.ndarray, k: int,
+                   device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float32 inner products, ids) of the ``k`` best centroids of every raw row, best first, and
+    the rows' float32 norms (FAISS on the GPU, torch matmul + top-k on the CPU)."""
+    if device == "cuda":
+        x32 = np.ascontiguousarray(raw, np.float32)
+        return (*_knn(x32, c32, k, device), np.linalg.norm(x32, axis=1))
+    import torch
+
+    x32 = _tensor(raw).float()
+    top = torch.topk(torch.mm(x32, torch.from_numpy(c32).T), k, dim=1)
+    return top.values.numpy(), top.indices.numpy(), torch.linalg.vector_norm(x32, dim=1).numpy()
+
+
+def nearest(x: np.ndarray, c64: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Nearest centroid (max cosine) of every row of ``x``, decided in float64.
+
+    ``x`` may be raw (any float type, any norm); ``c64`` are unit rows; the ranking of centroids
+    does not depend on a row's norm.  On CPUs with AMX, a bf16 product settles every row whose
+    best score leads the second by more than ``2 * BF16_MARGIN * |x|`` (each bf16 score is within
+    ``BF16_MARGIN * |x|`` of the exact one, so no other centroid can win).  The other rows go
+    through a float32 search for their best two centroids: where those differ by more than
+    ``MARGIN * |x|`` (float32's error is below ``d * 2^-24 * |x|``) the float32 order is the exact
+    order; otherwise both are scored in float64 and the larger wins (ties: the smaller centroid
+    id).  ``_CHUNK`` rows at a time.
+    """
     n, k = len(x), len(c64)
-    labels, cos = np.zeros(n, np.int64), np.zeros(n)
+    labels = np.zeros(n, np.int64)
     if n == 0:
-        return labels, cos
+        return labels
     c32 = np.ascontiguousarray(c64, np.float32)
     kk = min(2, k)
+    bf16 = device != "cuda" and kk == 2 and USE_BF16 and native_bf16() and x.shape[1] <= BF16_MAX_DIM
     for lo in range(0, n, _CHUNK):
-        xs = x[lo:lo + _CHUNK].astype(np.float64)
-        _, idx = _knn(np.ascontiguousarray(xs, np.float32), c32, kk, device)
-        idx = np.sort(idx, axis=1)  # ties in float64 go to the smaller centroid id
-        s = np.einsum("nd,nkd->nk", xs, c64[idx])
-        best = np.argmax(s, axis=1)
-        labels[lo:lo + _CHUNK] = idx[np.arange(len(xs)), best]
-        cos[lo:lo + _CHUNK] = s[np.arange(len(xs)), best]
-    return labels, cos
+        raw = x[lo:lo + _CHUNK]
+        rows = np.arange(len(raw))
+        if bf16:
+            best, open_ = _settle_bf16(raw, c32)
+            labels[lo:lo + _CHUNK] = best
+            rows = np.flatnonzero(open_)
+            if len(rows) == 0:
+                continue
+        s32, idx, norm32 = _top_centroids(raw[rows], c32, kk, device)
+        labels[lo + rows] = idx[:, 0]
+        if kk < 2:
+            continue
+        close = np.flatnonzero(s32[:, 0] - s32[:, 1] <= MARGIN * norm32)
+        if len(close):
+            pair = np.sort(idx[close], axis=1)
+            s64 = np.einsum("nd,nkd->nk", raw[rows[close]].astype(np.float64), c64[pair])
+            labels[lo + rows[close]] = pair[np.arange(len(close)), np.argmax(s64, axis=1)]
+    return labels
 
 
-def _verify(x64: np.ndarray, i: np.ndarray, j: np.ndarray, threshold: float):
-    sims = np.concatenate([np.einsum("nd,nd->n", x64[i[lo:lo + _CHUNK]], x64[j[lo:lo + _CHUNK]])
-                           for lo in range(0, len(i), _CHUNK)]) if len(i) else np.zeros(0)
+def _settle_bf16(raw: np.ndarray, c32: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """bf16 best centroid of every raw row, and which rows it does not settle (see :func:`nearest`)."""
+    import torch
+
+    x = _tensor(raw).float()
+    norm = torch.linalg.vector_norm(x, dim=1)
+    s = torch.mm(x.to(torch.bfloat16), torch.from_numpy(c32).to(torch.bfloat16).T).float()
+    top = torch.topk(s, 2, dim=1)
+    gap = top.values[:, 0] - top.values[:, 1]
+    return top.indices[:, 0].numpy(), (gap <= 2 * BF16_MARGIN * norm).numpy()
+
+
+def inner(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float64 inner product of every raw row of ``x`` (as stored, not re-normalised) with ``c``.
+
+    (``einsum``, not ``@``: a BLAS call from many small tasks makes BLAS's thread pool spin.)"""
+    return np.einsum("nd,d->n", x.astype(np.float64), c)
+
+
+def _verify(x: np.ndarray, i: np.ndarray, j: np.ndarray, threshold: float):
+    """float64 cosine of the candidate pairs, rows normalised by :func:`normalise`; keeps those > threshold."""
+    rows = np.unique(np.concatenate([i, j]))
+    unit = normalise(x[rows])
+    a, b = np.searchsorted(rows, i), np.searchsorted(rows, j)
+    sims = np.zeros(len(i))
+    for lo in range(0, len(i), _CHUNK):
+        sims[lo:lo + _CHUNK] = np.einsum("nd,nd->n", unit[a[lo:lo + _CHUNK]], unit[b[lo:lo + _CHUNK]])
     ok = sims > threshold
     return i[ok], j[ok], sims[ok]
 
 
-def similar_pairs(x64: np.ndarray, threshold: float, device: str = "cpu"):
-    """All pairs i < j with float64 cosine > threshold among the (normalised) rows of ``x64``."""
-    n = len(x64)
+def _unit_rows(x: np.ndarray, dtype) -> "torch.Tensor":  # noqa: F821
+    """Rows normalised in float32 (zero rows stay zero), then rounded to the torch ``dtype``.
+
+    Only candidates come from these rows, so float32 normalisation (relative error ~1e-7 per
+    element) is covered by the margins; decisions use :func:`normalise` (float64).
+    """
+    import torch
+
+    out = torch.empty((len(x), x.shape[1]), dtype=dtype)
+    for lo in range(0, len(x), _CHUNK):
+        xs = _tensor(x[lo:lo + _CHUNK]).float()
+        norm = torch.linalg.vector_norm(xs, dim=1, keepdim=True)
+        out[lo:lo + _CHUNK] = (xs / torch.where(norm > 0, norm, torch.ones_like(norm))).to(dtype)
+    return out
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _floor(v: float, dtype) -> float:
+    """The largest value of torch ``dtype`` that is <= v (comparisons cast a Python float to the
+    tensor's dtype, rounding to nearest, which could lift a bf16 cut-off by up to 2^-9)."""
+    import torch
+
+    t = torch.tensor([v], dtype=torch.float64).to(dtype)
+    if t.double().item() > v:
+        t = torch.nextafter(t, torch.tensor([float("-inf")], dtype=dtype))
+    return float(t.double().item())
+
+
+def block_candidates(u: "torch.Tensor", low: float, block: int,  # noqa: F821
+                     parallel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs i < j with ``u[i] . u[j] > low`` in ``u``'s precision, over the upper triangle of blocks.
+
+    Rows are zero-padded to a multiple of ``block`` so every product has the same shape (oneDNN
+    compiles a kernel per new shape: ~30 ms, more than the product itself); self-similarities of
+    diagonal blocks are masked and only rows whose maximum exceeds ``low`` are scanned.  With
+    ``parallel`` the block rows run on :func:`parallel_map` threads.
+    """
+    import torch
+
+    n = len(u)
+    nb = -(-n // block)
+    if nb * block > n:
+        u = torch.cat([u, u.new_zeros((nb * block - n, u.shape[1]))])
+    low = _floor(low, u.dtype)
+
+    def stripe(bi: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = bi * block
+        a = u[lo:lo + block]
+        out_i, out_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for lo2 in range(lo, nb * block, block):
+            s = torch.mm(a, u[lo2:lo2 + block].T)
+            if lo2 == lo:
+                s.fill_diagonal_(float("-inf"))
+            rows = torch.nonzero(s.amax(dim=1) > low).flatten()
+            if len(rows) == 0:
+                continue
+            r, c = torch.nonzero(s[rows] > low, as_tuple=True)
+            gi = lo + rows[r].numpy().astype(np.int64)
+            gj = lo2 + c.numpy().astype(np.int64)
+            keep = (gi < gj) & (gj < n)  # upper triangle, no padding rows
+            out_i.append(gi[keep])
+            out_j.append(gj[keep])
+        return np.concatenate(out_i), np.concatenate(out_j)
+
+    parts = (parallel_map if parallel else lambda f, xs: [f(x) for x in xs])(stripe, list(range(nb)))
+    return np.concatenate([i for i, _ in parts]), np.concatenate([j for _, j in parts])
+
+
+def _cpu_candidates(x: np.ndarray, threshold: float, parallel: bool) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    bf16 = USE_BF16 and native_bf16() and x.shape[1] <= BF16_MAX_DIM
+    u = _unit_rows(x, torch.bfloat16 if bf16 else torch.float32)
+    return block_candidates(u, threshold - (BF16_MARGIN if bf16 else MARGIN), _BLOCK, parallel)
+
+
+def similar_pairs(x: np.ndarray, threshold: float, device: str = "cpu", parallel: bool = True):
+    """All pairs i < j whose float64 cosine is > threshold, among the rows of ``x``.
+
+    ``x`` may be raw (float16/32/64, any norm): candidate rows are normalised in float64 as by
+    :func:`normalise` (no float64 copy of all rows is made).  Returns ``(i, j, cosine)``.
+    """
+    n = len(x)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
     if n < 2:
         return empty
-    x32 = np.ascontiguousarray(x64, np.float32)
-    low = threshold - MARGIN
-    if n <= _DENSE_MAX:
-        i, j = np.nonzero(np.triu(x32 @ x32.T > low, 1))
-    elif device == "cuda":
-        i, j = _pairs_gpu(x32, low)
+    if device == "cuda" and n > _DENSE_MAX:
+        i, j = _pairs_gpu(_unit_rows(x, _torch().float32).numpy(), threshold - MARGIN)
     else:
-        faiss, _ = _setup("cpu")
-        index = faiss.IndexFlatIP(x32.shape[1])
-        index.add(x32)
-        lims, _, nbr = index.range_search(x32, low)
-        i = np.repeat(np.arange(n), np.diff(lims).astype(np.int64))
-        keep = nbr > i
-        i, j = i[keep], nbr[keep]
-    return _verify(x64, i.astype(np.int64), j.astype(np.int64), threshold)
+        i, j = _cpu_candidates(x, threshold, parallel)
+    return _verify(x, i.astype(np.int64), j.astype(np.int64), threshold)
 
 
 def _pairs_gpu(x32: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray]:
@@ -181,29 +401,40 @@ def _pairs_gpu(x32: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray]:
     return i[keep], j[keep]
 
 
-def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, device: str = "cpu") -> np.ndarray:
-    """Lloyd's k-means of the normalised rows ``x`` on the unit sphere; (k, d) float64 centroids.
+#: FAISS's default ``max_points_per_centroid``: it trains on at most this many rows per centroid
+FAISS_MAX_POINTS = 256
 
-    Init: k distinct rows drawn with ``seed``.  An empty cluster takes over half of the largest
-    one (its centroid nudged by +-1e-4 along a fixed direction), as FAISS does.
+
+def faiss_training_rows(n: int, k: int, seed: int) -> np.ndarray | None:
+    """The rows (positions in the training order) ``faiss.Kmeans(seed=seed)`` trains on when given
+    ``n`` rows for ``k`` centroids, or None when it takes them all: beyond ``FAISS_MAX_POINTS``
+    per centroid it takes the first ``k * FAISS_MAX_POINTS`` of ``faiss.rand_perm(n, seed)``, in
+    that order.  Handing FAISS exactly those rows gives the same centroids (checked in the tests)
+    without holding every row in float32."""
+    import faiss
+
+    if n <= k * FAISS_MAX_POINTS:
+        return None
+    perm = np.empty(n, np.int32)
+    faiss.rand_perm(faiss.swig_ptr(perm), n, seed)
+    return perm[:k * FAISS_MAX_POINTS].astype(np.int64)
+
+
+def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
+    """``faiss.Kmeans(d, k, niter=iterations, seed=seed, spherical=True)`` trained on the rows of
+    ``x`` as given (float32, in the given order, on the CPU); returns (k, d) float64 unit centroids.
+
+    This is the SemDeDup reference's clustering call: FAISS draws its initial centroids with
+    ``seed`` and, beyond 256 rows per centroid, trains on a random subset of that size (its
+    default ``max_points_per_centroid``).  Empty clusters are split by FAISS.
     """
-    n, d = x.shape
+    import faiss
+
+    x32 = np.ascontiguousarray(x, np.float32)
+    n, d = x32.shape
     k = max(1, min(k, n))
-    rng = np.random.default_rng(seed)
-    c = x[np.sort(rng.choice(n, k, replace=False))].astype(np.float64)
-    nudge = rng.standard_normal(d) * 1e-4
-    for _ in range(iterations):
-        labels, _ = nearest(x, c, device)
-        order = np.argsort(labels, kind="stable")
-        counts = np.bincount(labels, minlength=k)
-        starts = np.r_[0, np.cumsum(counts)[:-1]]
-        sums = np.zeros((k, d))
-        nz = counts > 0
-        sums[nz] = np.add.reduceat(x[order], starts[nz], axis=0, dtype=np.float64)
-        for e in np.flatnonzero(~nz):
-            big = int(np.argmax(counts))
-            sums[e], sums[big] = sums[big] + nudge, sums[big] - nudge
-            counts[e] = counts[big] = counts[big] // 2
-        norm = np.linalg.norm(sums, axis=1, keepdims=True)
-        c = sums / np.where(norm > 0, norm, 1.0)
-    return c
+    faiss.omp_set_num_threads(_threads())
+    km = faiss.Kmeans(d, k, niter=iterations, seed=seed, spherical=True, verbose=False, gpu=False,
+                      min_points_per_centroid=1, max_points_per_centroid=FAISS_MAX_POINTS)
+    km.train(x32)
+    return normalise(km.centroids.astype(np.float64))

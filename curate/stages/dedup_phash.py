@@ -19,18 +19,28 @@ Algorithm (no all-pairs comparison, bounded memory):
    keys, keys are shuffled into partitions (tasks), and pairs sharing a key are verified by
    popcount -- every pair within ``radius`` is found exactly once (pigeonhole over 16-bit
    chunks), no pair farther is reported;
-3. the near-duplicate graph between distinct hashes (memory: the edges, i.e. the
-   near-duplicates, never the corpus) is resolved best-first by the keep rule
+3. the near-duplicate graph between distinct hashes is resolved best-first by the keep rule
    (:func:`curate.dedup.greedy.keep_one`): a hash's best row is removed iff a better kept
-   hash is within ``radius``; ``duplicate_of`` = the closest such kept row;
+   hash is within ``radius``; ``duplicate_of`` = the closest such kept row.  A node's
+   decision depends only on its connected component, so the resolution is partitioned:
+   edges are spread by node partition (one per ``rows_per_partition`` edge ends); with more
+   than one partition the connected components are computed in rounds of ``ctx.map`` tasks
+   (:mod:`curate.dedup.components`); components are grouped into buckets (one per
+   ``rows_per_partition`` edges) and each bucket is resolved in its own task.  The result is
+   exactly the sequential keep-one over the whole graph (``tests/test_dedup_scale.py``
+   compares it with a brute-force reference, on both runners, with many partitions);
 4. rows that shared a hash follow their hash's best row (its ``duplicate_of``, or the best
    row itself when it was kept).
 
 Scale: step 2 checks about ``4*C(16, s) * N^2 / 2^(17-s)`` candidate pairs for N uniformly
 spread distinct hashes (s = radius // 4): 1M hashes at radius 6 take ~1 min on 2 cores
 (``bench/dedup.py``), 16x less than FAISS brute force.  The work grows with N^2 / 65536, so
-beyond ~1e8 distinct hashes use radius <= 3 (32x fewer checks) or split the corpus.  Step 3
-holds only the near-duplicate edges in one process (memory ~ the number of near-duplicates).
+beyond ~1e8 distinct hashes use radius <= 3 (32x fewer checks) or split the corpus.  Memory:
+a task holds one partition (about ``rows_per_partition`` rows, keys or edges), except that the
+tasks of step 3 hold whole connected components, so one component must fit a task (a component
+is a family of near-identical images: even a meme with 10M variants is ~1 GB of edges).  The
+driver holds only file lists and counts; under Ray every step runs in tasks, so its peak memory
+does not grow with the corpus (``bench/dedup_scale.py``: 262 MB at 20,000 rows and at 200,000).
 """
 
 from __future__ import annotations
@@ -47,13 +57,14 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate import schema as S
-from curate.dedup import mih, store
+from curate.dedup import components, mih, store
 from curate.dedup.base import METRIC, DedupParams, DedupStage, check_columns, metric_sql, order_sql, rank
 from curate.dedup.greedy import keep_one
 from curate.registry import register
 
 log = logging.getLogger(__name__)
 
+RESOLVED_SCHEMA = pa.schema([(S.PHASH, pa.uint64()), ("target_uid", pa.string()), ("d", pa.int64())])
 KEYS_PER_PARTITION = 8_000_000  # ~0.5 GB of working memory in a pair-finding task
 VALUES_PER_CHUNK = 1 << 17  # key expansion: 8M keys at radius 4-7
 
@@ -64,7 +75,7 @@ class DedupPhashParams(DedupParams):
                         "the pHashes of near-duplicates")
 
 
-def _values(args: tuple[str, str, int, str]) -> tuple[str, int]:
+def _values(args: tuple[str, str, int, str]) -> tuple[str, int, int]:
     """Partition of rows by hash -> one row per distinct hash (the best) + the other rows."""
     source, out_dir, p, work = args
     con = store.duckdb_connect(work)
@@ -79,7 +90,7 @@ def _values(args: tuple[str, str, int, str]) -> tuple[str, int]:
     out = Path(out_dir)
     pq.write_table(vals, out / f"values-{p:05d}.parquet")
     pq.write_table(members, out / f"members-{p:05d}.parquet")
-    return str(out / f"values-{p:05d}.parquet"), vals.num_rows
+    return str(out / f"values-{p:05d}.parquet"), vals.num_rows, p
 
 
 def _keys(args: tuple[str, int, int, str, str]) -> None:
@@ -109,10 +120,82 @@ def _pairs(args: tuple[str, int, int, str]) -> int:
     return len(a)
 
 
+def _spread(args: tuple[str, int, str, str]) -> None:
+    """Edges of one MIH partition -> by the node partition of ``a`` (and, with several node
+    partitions, in adjacency form for the connected components)."""
+    path, parts, graph, name = args
+    t = pq.read_table(path)
+    if t.num_rows == 0:
+        return
+    a, b = t["a"].to_numpy(), t["b"].to_numpy()
+    store.write_partitioned(t, components.node_partition(a, parts), Path(graph) / "edges", name)
+    if parts > 1:
+        components.write_adjacency(a, b, Path(graph) / "adjacency", parts, name)
+
+
+def _labels(args: tuple[str | None, str, int, int, int, int, str]) -> None:
+    """Node partition ``p``: component of every node; its edges go to their component's bucket and
+    its (node, component) labels to the hash partition of the node (where its values row is)."""
+    stars, graph, p, parts, buckets, hash_parts, name = args
+    g = Path(graph)
+    edges = [pq.read_table(f) for f in store.partition_files(g / "edges", p)]
+    if stars is None:  # one node partition: all nodes in one bucket, no components needed
+        t = pa.concat_tables(edges)
+        nodes = np.unique(np.concatenate([t["a"].to_numpy(), t["b"].to_numpy()]))
+        comp = np.zeros(len(nodes), np.uint64)
+    else:
+        nodes, comp = components.star_labels(store.partition_files(Path(stars), p))
+    if edges:
+        t = pa.concat_tables(edges)
+        ca = comp[np.searchsorted(nodes, t["a"].to_numpy())]
+        store.write_partitioned(t, components.node_partition(ca, buckets), g / "bucket_edges", name)
+    labels = pa.table({S.PHASH: pa.array(nodes, pa.uint64()), "comp": pa.array(comp, pa.uint64())})
+    store.write_partitioned(labels, store.duckdb_partition(nodes, hash_parts), g / "labels", name)
+
+
+def _node_info(args: tuple[str, int, str, int, str]) -> None:
+    """Hash partition ``i``: keep-rule values of its graph nodes, to their component's bucket."""
+    vals_path, i, graph, buckets, name = args
+    g = Path(graph)
+    files = store.partition_files(g / "labels", i)
+    if not files:
+        return
+    labels = pa.concat_tables([pq.read_table(f) for f in files])
+    vals = pq.read_table(vals_path, columns=[S.PHASH, S.UID, METRIC]).join(labels, S.PHASH, join_type="inner")
+    store.write_partitioned(vals.select([S.PHASH, S.UID, METRIC]),
+                            components.node_partition(vals["comp"].to_numpy(), buckets), g / "bucket_nodes", name)
+
+
+def _resolve_bucket(args: tuple[str, int, int, str, str]) -> int:
+    """Keep-one over the components of one bucket; writes (phash, target_uid, d) of removed distinct
+    hashes by hash partition.  Components are whole in a bucket, so this equals keep-one over the
+    whole graph."""
+    graph, r, hash_parts, out, name = args
+    g = Path(graph)
+    node_files = store.partition_files(g / "bucket_nodes", r)
+    if not node_files:
+        return 0
+    info = pa.concat_tables([pq.read_table(f) for f in node_files]).sort_by(S.PHASH)
+    edges = pa.concat_tables([pq.read_table(f) for f in store.partition_files(g / "bucket_edges", r)])
+    nodes = info[S.PHASH].to_numpy()
+    a, b = edges["a"].to_numpy(), edges["b"].to_numpy()
+    ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
+    assert (nodes[ia] == a).all() and (nodes[ib] == b).all(), "pHash graph: an edge's node has no values row"
+    d = edges["d"].to_numpy().astype(np.int64)
+    removed, target, tsim = keep_one(rank(info[METRIC], info[S.UID]), ia, ib, -d.astype(np.float64))
+    idx = np.flatnonzero(removed)
+    uids = info[S.UID].to_numpy(zero_copy_only=False)
+    t = pa.table({S.PHASH: pa.array(nodes[idx], pa.uint64()), "target_uid": pa.array(uids[target[idx]], pa.string()),
+                  "d": pa.array((-tsim[idx]).astype(np.int64))}, schema=RESOLVED_SCHEMA)
+    store.write_partitioned(t, store.duckdb_partition(nodes[idx], hash_parts), Path(out), name)
+    return len(idx)
+
+
 def _members(args: tuple[str, str, str, str, str, int]) -> int:
     """Decisions of one hash partition: removed best rows and every non-best row."""
-    vals_path, members_path, resolved_path, parts_dir, name, buckets = args
-    resolved = pq.read_table(resolved_path)
+    vals_path, members_path, resolved_dir, parts_dir, name, buckets = args
+    files = sorted(Path(resolved_dir).glob("*.parquet"))
+    resolved = pa.concat_tables([pq.read_table(f) for f in files]) if files else RESOLVED_SCHEMA.empty_table()
     vals = pq.read_table(vals_path, columns=[S.PHASH, S.UID, S.SHARD])
     gone = vals.join(resolved, S.PHASH, join_type="inner")
     mem = pq.read_table(members_path).join(resolved, S.PHASH, join_type="left outer")
@@ -138,7 +221,7 @@ class DedupPhash(DedupStage):
         p: DedupPhashParams = self.params  # type: ignore[assignment]
         schema = check_columns(self, ctx, (S.UID, S.SHARD, S.PHASH), p.keep)
         work = Path(ctx.work_dir)
-        for sub in ("values", "keys", "edges", "parts"):
+        for sub in ("values", "keys", "edges", "graph", "resolved", "parts"):
             shutil.rmtree(work / sub, ignore_errors=True)
             (work / sub).mkdir(parents=True)
         # 1. one row per distinct hash
@@ -146,50 +229,51 @@ class DedupPhash(DedupStage):
                   f"FROM {{src}} WHERE {S.REJECT_REASON} IS NULL AND {S.PHASH} IS NOT NULL")
         parts = store.n_partitions(ctx.total_rows, p.rows_per_partition)
         sources = store.shuffle(ctx, select, parts, work / "shuffle")
-        vals = ctx.map(_values, [(src, str(work / "values"), i, str(work)) for i, src in enumerate(sources) if src])
+        vals = store.map_tasks(ctx, _values, [(src, str(work / "values"), i, str(work))
+                                              for i, src in enumerate(sources) if src])
         shutil.rmtree(work / "shuffle", ignore_errors=True)
-        n_values = sum(n for _, n in vals)
+        n_values = sum(n for _, n, _ in vals)
         # 2. pairs of distinct hashes within the radius (multi-index hashing)
         n_keys = n_values * mih.CHUNKS * len(mih.masks(mih.chunk_radius(p.radius)))
         kparts = store.n_partitions(n_keys, KEYS_PER_PARTITION)
-        ctx.map(_keys, [(path, p.radius, kparts, str(work / "keys"), f"v{i:05d}") for i, (path, _) in enumerate(vals)])
-        n_pairs = sum(ctx.map(_pairs, [(str(work / "keys"), q, p.radius, str(work / "edges" / f"e{q:05d}.parquet"))
-                                       for q in range(kparts)]))
+        store.map_tasks(ctx, _keys, [(path, p.radius, kparts, str(work / "keys"), f"v{i:05d}")
+                                     for i, (path, _, _) in enumerate(vals)])
+        n_pairs = sum(store.map_tasks(ctx, _pairs, [(str(work / "keys"), q, p.radius,
+                                                     str(work / "edges" / f"e{q:05d}.parquet"))
+                                                    for q in range(kparts)]))
         shutil.rmtree(work / "keys", ignore_errors=True)
-        # 3. best-first resolution over the near-duplicate graph of distinct hashes
-        resolved = self._resolve(work, [v for v, _ in vals])
+        # 3. best-first resolution, per bucket of connected components of the near-duplicate graph
+        node_parts = store.n_partitions(2 * n_pairs, p.rows_per_partition)
+        buckets = store.n_partitions(n_pairs, p.rows_per_partition)
+        if n_pairs:
+            self._resolve(ctx, work, vals, parts, node_parts, buckets)
         # 4. decisions for removed best rows and for rows sharing a hash
-        buckets = store.n_buckets(len(ctx.paths))
-        removed = sum(ctx.map(_members, [(v, v.replace("values-", "members-"), str(resolved), str(work / "parts"),
-                                          f"m{i:05d}", buckets) for i, (v, _) in enumerate(vals)]))
-        decisions = store.compact_decisions(ctx, work / "parts", buckets)
+        dbuckets = store.n_buckets(len(ctx.paths))
+        removed = sum(store.map_tasks(ctx, _members, [(v, v.replace("values-", "members-"),
+                                                       str(work / "resolved" / f"p{i:05d}"), str(work / "parts"),
+                                                       f"m{j:05d}", dbuckets) for j, (v, _, i) in enumerate(vals)]))
+        shutil.rmtree(work / "resolved", ignore_errors=True)
+        decisions = store.compact_decisions(ctx, work / "parts", dbuckets)
         log.info("%s: %d distinct pHashes, %d pairs within %d bits, %d rows removed", self.id, n_values, n_pairs,
                  p.radius, removed)
         return {"radius": p.radius, "keep": p.keep, "distinct_hashes": n_values, "pairs": n_pairs,
-                "hash_partitions": parts, "key_partitions": kparts, "removed": removed, "decisions": decisions}
+                "hash_partitions": parts, "key_partitions": kparts, "graph_partitions": node_parts,
+                "component_buckets": buckets, "removed": removed, "decisions": decisions}
 
-    def _resolve(self, work: Path, value_files: list[str]) -> Path:
-        """Keep-one over the edges; writes (phash, target_uid, d) of removed distinct hashes."""
-        out = work / "resolved.parquet"
+    def _resolve(self, ctx: Any, work: Path, vals: list[tuple[str, int, int]], parts: int, node_parts: int,
+                 buckets: int) -> None:
+        """Keep-one over the edges, partitioned: connected components (several node partitions),
+        component buckets, one keep-one task per bucket; writes ``resolved/pNNNNN/`` by hash partition."""
+        graph = work / "graph"
         edge_files = sorted((work / "edges").glob("*.parquet"))
-        edges = pa.concat_tables([pq.read_table(f) for f in edge_files]) if edge_files else None
-        schema = pa.schema([(S.PHASH, pa.uint64()), ("target_uid", pa.string()), ("d", pa.int64())])
-        if edges is None or edges.num_rows == 0:
-            pq.write_table(schema.empty_table(), out)
-            return out
-        a, b = edges["a"].to_numpy(), edges["b"].to_numpy()
-        nodes = np.unique(np.concatenate([a, b]))
-        flt = pc.field(S.PHASH).isin(pa.array(nodes, pa.uint64()))
-        info = pa.concat_tables([pq.read_table(f, filters=flt) for f in value_files]).sort_by(S.PHASH)
-        assert info.num_rows == len(nodes)
-        r = rank(info[METRIC], info[S.UID])
-        ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
-        d = edges["d"].to_numpy().astype(np.int64)
-        removed, target, tsim = keep_one(r, ia, ib, -d.astype(np.float64))
-        idx = np.flatnonzero(removed)
-        uids = info[S.UID].to_numpy(zero_copy_only=False)
-        pq.write_table(pa.table({S.PHASH: pa.array(nodes[idx], pa.uint64()),
-                                 "target_uid": pa.array(uids[target[idx]], pa.string()),
-                                 "d": pa.array((-tsim[idx]).astype(np.int64))}, schema=schema), out)
+        store.map_tasks(ctx, _spread, [(str(f), node_parts, str(graph), f.stem) for f in edge_files])
         shutil.rmtree(work / "edges", ignore_errors=True)
-        return out
+        stars = None
+        if node_parts > 1:
+            stars = str(components.components(ctx, graph / "adjacency", node_parts, graph / "cc"))
+        store.map_tasks(ctx, _labels, [(stars, str(graph), q, node_parts, buckets, parts, f"l{q:05d}")
+                                       for q in range(node_parts)])
+        store.map_tasks(ctx, _node_info, [(v, i, str(graph), buckets, f"n{i:05d}") for v, _, i in vals])
+        store.map_tasks(ctx, _resolve_bucket, [(str(graph), r, parts, str(work / "resolved"), f"r{r:05d}")
+                                               for r in range(buckets)])
+        shutil.rmtree(graph, ignore_errors=True)
