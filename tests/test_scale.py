@@ -98,7 +98,8 @@ class _ProbeModels(MapStage):
         import open_clip
 
         gc.collect()
-        _SEEN.append(sum(isinstance(o, (open_clip.CLIP, open_clip.CustomTextCLIP)) for o in gc.get_objects()))
+        models = (open_clip.CLIP, open_clip.CustomTextCLIP)
+        _SEEN.append(sum(type(o) in models for o in gc.get_objects()))
         return table
 
 
