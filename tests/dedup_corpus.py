@@ -186,3 +186,15 @@ def emb_table(rng, n_base: int = 150):
     return e, table_of(uid=[f"e{rng.integers(0, 10**9):09d}-{i}" for i in range(n)],
                        clip_score=pa.array(score, pa.float32()),
                        image_embedding=pa.array(list(e), pa.list_(pa.float16())))
+
+
+def phash_rows(rng: np.random.Generator, hashes: list[int], uids: list[str], reject_every: int):
+    """A pHash dedup input: widths 10-13 (the keep rule), height 10, every ``reject_every``-th row already
+    rejected upstream; returns (table, widths, reject reasons)."""
+    n = len(hashes)
+    width = rng.integers(10, 14, n).astype(np.int32)
+    reject = [("download_failed" if i % reject_every == 0 else None) for i in range(n)]
+    t = table_of(uid=uids, phash=pa.array(hashes, pa.uint64()), width=width, height=np.full(n, 10, np.int32),
+                 reject_reason=pa.array(reject, pa.string()))
+    return t, width, reject
+

@@ -203,11 +203,7 @@ def test_phash_dedup_matches_bruteforce_reference(tmp_path, monkeypatch, radius)
     monkeypatch.setattr(dedup_phash, "KEYS_PER_PARTITION", 20_000)  # several MIH key partitions
     rng = np.random.default_rng(radius)
     hashes, uids = dc.planted_hashes(rng, 250, radius)
-    n = len(hashes)
-    width = rng.integers(10, 14, n).astype(np.int32)
-    reject = [("download_failed" if i % 17 == 0 else None) for i in range(n)]
-    t = dc.table_of(uid=uids, phash=pa.array(hashes, pa.uint64()), width=width, height=np.full(n, 10, np.int32),
-                 reject_reason=pa.array(reject, pa.string()))
+    t, width, reject = dc.phash_rows(rng, hashes, uids, 17)
     paths = dc.write_shards(t, tmp_path / "shards", 97)
     got = dc.fit_apply({"stage": "dedup_phash", "radius": radius, "rows_per_partition": 150}, paths, tmp_path / "w")
     want = phash_reference(hashes, uids, width, reject, radius)

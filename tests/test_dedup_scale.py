@@ -82,10 +82,7 @@ def test_phash_partitioned_resolution_matches_reference(tmp_path, request, runne
     hashes += chained + chained[:7]  # + exact repeats of some hashes
     uids += [f"c{rng.integers(0, 10**9):09d}-{i}" for i in range(len(chained) + 7)]
     n = len(hashes)
-    width = rng.integers(10, 14, n).astype(np.int32)
-    reject = [("download_failed" if i % 19 == 0 else None) for i in range(n)]
-    t = dc.table_of(uid=uids, phash=pa.array(hashes, pa.uint64()), width=width, height=np.full(n, 10, np.int32),
-                    reject_reason=pa.array(reject, pa.string()))
+    t, width, reject = dc.phash_rows(rng, hashes, uids, 19)
     paths = dc.write_shards(t, tmp_path / "shards", 60)
     stage = registry.create({"stage": "dedup_phash", "radius": radius, "rows_per_partition": 50})  # many partitions
     ctx = FitContext(paths, tmp_path / "w", runner, 2, n)
