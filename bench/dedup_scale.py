@@ -4,7 +4,7 @@
     python bench/dedup_scale.py --n 10000 --dim 256
 
 Under the Ray runner a global stage's ``fit`` runs in the driver, and every piece of work goes to
-Ray tasks (``curate.dedup.store.map_tasks``): the driver only coordinates.  Each fit here runs in a
+Ray tasks (``FitContext.map``, which runs even a lone item as a task): the driver only coordinates.  Each fit here runs in a
 fresh process that starts a private local Ray instance (2 CPUs, as the test suite does) and
 builds ``FitContext(paths, work_dir, runner="ray", parallelism=2)``.  Printed per stage and size:
 fit seconds, the driver's peak RSS (VmHWM, this process only: Ray's own processes and the task

@@ -29,9 +29,12 @@ class FitContext:
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], num_cpus: float = 1.0,
             num_gpus: float = 0.0) -> list[Any]:
-        """``[fn(x) for x in items]``, as Ray tasks under the Ray runner (order kept)."""
+        """``[fn(x) for x in items]``, as Ray tasks under the Ray runner (order kept).
+
+        Under Ray even a lone item runs as a task: the driver only coordinates, so its memory does
+        not grow with the corpus."""
         items = list(items)
-        if self.runner != "ray" or len(items) <= 1:
+        if self.runner != "ray" or not items:
             return [fn(x) for x in items]
         import ray
 

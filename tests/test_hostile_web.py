@@ -140,7 +140,7 @@ def test_bombs_and_big_bodies_on_ray(hostile_server, tmp_path, ray_cluster):
 
 
 # -- 4. the address guard -------------------------------------------------------------------------------
-def test_guard_classifies_every_spelling_without_a_lookup():
+def test_guard_classifies_every_spelling_without_a_lookup(netlog):
     calls = []
 
     def stub(host: str) -> list[str]:
@@ -168,9 +168,11 @@ def test_guard_classifies_every_spelling_without_a_lookup():
         guard.addresses("dual.example")
     assert guard.addresses("mixed.example") == ["93.184.216.34"]  # only the checked public address is used
     assert AddressGuard(["10.0.0.0/8"], resolver=stub).addresses("intranet.corp") == ["10.1.2.3"]
+    # names came from the stub, numeric hosts were parsed: not one lookup or connect was attempted
+    assert not [x for x in netlog.lines() if "socket.connect" in x or "socket.getaddrinfo" in x]
 
 
-def test_connects_to_the_address_it_checked(hostile_server):
+def test_connects_to_the_address_it_checked(hostile_server, netlog):
     """DNS rebinding: the stub answers 127.0.0.1 (allowed) once, then 127.0.0.2; one lookup per hop."""
     from curate.net.http import Fetcher
 
@@ -188,6 +190,8 @@ def test_connects_to_the_address_it_checked(hostile_server):
     r = f.get(f"http://rebind.test:{port}/ok/c.jpg")  # now the name points at 127.0.0.2: refused, not fetched
     assert r.reason == "blocked_address"
     f.close()
+    connects = {x.split()[2] for x in netlog.lines() if "socket.connect" in x}
+    assert connects == {"127.0.0.1"} and not netlog.blocked(), connects  # 127.0.0.2 was never contacted
 
 
 def test_internal_targets_refused_in_every_spelling(hostile_server, tmp_path, netlog):

@@ -6,7 +6,7 @@ Design (the stage modules document their own parameters and defaults):
 * **Global, bounded.**  Every dedup stage is a ``GlobalStage``.  ``fit`` never holds the
   corpus in one process: rows are hash-partitioned (a DuckDB shuffle for keys and hashes,
   k-means clusters for embeddings, connected components for the pHash graph) and every
-  partition / cluster bucket is one ``ctx.map`` item (``store.map_tasks``), i.e. one Ray task
+  partition / cluster bucket is one ``ctx.map`` item, i.e. one Ray task
   under the Ray runner -- even a lone item, so the driver only coordinates -- and a loop on the
   local runner.  Partition counts grow with the corpus (``rows_per_partition``), so a task's
   memory does not.

@@ -108,9 +108,9 @@ def components(ctx: Any, adjacency: Path, parts: int, work: Path) -> Path:
         for d in (keyed, nxt):
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
-        changed = sum(store.map_tasks(ctx, _large_star, [(str(current), p, parts, str(keyed), f"t{p:05d}")
+        changed = sum(ctx.map(_large_star, [(str(current), p, parts, str(keyed), f"t{p:05d}")
                                                          for p in range(parts)]))
-        changed += sum(store.map_tasks(ctx, _small_star, [(str(keyed), p, parts, str(nxt), f"t{p:05d}")
+        changed += sum(ctx.map(_small_star, [(str(keyed), p, parts, str(nxt), f"t{p:05d}")
                                                           for p in range(parts)]))
         shutil.rmtree(keyed, ignore_errors=True)
         if current != adjacency:

@@ -73,21 +73,6 @@ def read_sql(paths: list[str]) -> str:
     return f"read_parquet({sql_list(paths)}, union_by_name = true)"
 
 
-def map_tasks(ctx: Any, fn: Any, items: list, num_cpus: float = 1.0, num_gpus: float = 0.0) -> list:
-    """``ctx.map``, except that under the Ray runner a single item runs as a Ray task too.
-
-    ``FitContext.map`` runs a lone item in the calling process; the dedup stages route all their
-    work through this function so that, on Ray, the driver only coordinates (its memory does not
-    grow with the corpus).  Local runs are unchanged.
-    """
-    items = list(items)
-    if getattr(ctx, "runner", "local") == "ray" and len(items) == 1:
-        import ray
-
-        return [ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn).remote(items[0]))]
-    return ctx.map(fn, items, num_cpus=num_cpus, num_gpus=num_gpus)
-
-
 def duckdb_partition(values: np.ndarray, parts: int) -> np.ndarray:
     """``hash(v) % parts`` of uint64 values, computed by DuckDB: the partition ``shuffle`` gives them."""
     if parts == 1 or len(values) == 0:
@@ -129,7 +114,7 @@ def shuffle(ctx: Any, select: str, parts: int, out: Path) -> list[str | None]:
     out.mkdir(parents=True)
     jobs = [(g, select, parts, str(out / f"m{j:05d}"), str(ctx.work_dir))
             for j, g in enumerate(file_groups(ctx.paths))]
-    map_tasks(ctx, _shuffle_map, jobs)
+    ctx.map(_shuffle_map, jobs)
     sources: list[str | None] = []
     for p in range(parts):
         files = sorted(glob.glob(str(out / "m*" / f"_p={p}" / "*.parquet")))
@@ -199,7 +184,7 @@ def compact_decisions(ctx: Any, parts_dir: Path, buckets: int) -> dict[str, Any]
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     todo = [b for b in range(buckets) if partition_files(parts_dir, b)]
-    counts = map_tasks(ctx, _compact, [(str(parts_dir), b, str(out / f"b{b:05d}.parquet")) for b in todo])
+    counts = ctx.map(_compact, [(str(parts_dir), b, str(out / f"b{b:05d}.parquet")) for b in todo])
     shutil.rmtree(parts_dir, ignore_errors=True)
     return {"dir": str(out), "buckets": buckets, "rows": int(sum(counts))}
 

@@ -135,14 +135,14 @@ def _check(job: SegmentJob, shard: str, n: int) -> None:
 
 
 def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
-                 timing: dict[str, float] | None = None) -> dict:
+                 timing: dict[str, float] | None = None, rows: ShardRows | None = None) -> dict:
     """Write what segment ``job`` made of a shard, then its done marker (the resume point).
 
-    ``table``: the segment's output rows with every column (local runner).  Without it the
+    ``table``: the segment's output rows with every column (local runner; ``rows`` is the
+    ``ShardRows`` it was read through, reused so nothing is read twice).  Without it the
     segment's column group was written in parts (Ray runner) and is read back here.
     """
     k = job.segment.index
-    rows = job.rows(shard)
     info: dict[str, Any] = {"shard": shard, "seconds": timing or {}}
     if not job.final:
         if table is not None:
@@ -151,13 +151,13 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
         else:  # the view needs no image bytes: read the groups without the heavy columns it does not hold
             rows = ShardRows(job.layout, shard, job.inputs[shard], heavy_kept=job.view_columns or [])
             n = rows.group(k).num_rows
-            after = rows.entering(k + 1) if job.view_columns is not None else None
+            after = rows.entering(k + 1) if job.view_columns is not None else live(rows.group(k))
         _check(job, shard, n)
         if job.view_columns is not None:
-            write_view(job.layout, k + 1, shard, after, job.view_columns, job.compression)
-        info.update(rows=n, live=after.num_rows if after is not None else int(pc.sum(
-            pc.is_null(rows.group(k)[S.REJECT_REASON])).as_py() or 0))
+            write_view(job.layout, k + 1, shard, after, job.view_columns, job.schema, job.compression)
+        info.update(rows=n, live=after.num_rows)
     else:
+        rows = rows or job.rows(shard)
         out = table if table is not None else rows.rows(rows.live_positions(k), k + 1)
         _check(job, shard, out.num_rows)
         kept = S.conform(sort_shard(live(out)), job.schema)

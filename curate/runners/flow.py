@@ -163,10 +163,18 @@ class ShardRows:
         return [t for t in out if t.num_rows]
 
 
-def write_view(layout: Layout, k: int, shard: str, live_rows: pa.Table, columns: list[str], compression: str) -> None:
-    """The fit view of segment ``k`` for a shard: its live rows with the ``columns`` its global stage's fit reads."""
-    cols = [c for c in dict.fromkeys(columns) if c in live_rows.column_names]
-    write_parquet_atomic(live_rows.select(cols), view_path(layout, k, shard), compression)
+def write_view(layout: Layout, k: int, shard: str, live_rows: pa.Table, columns: list[str], schema: pa.Schema,
+               compression: str) -> None:
+    """The fit view of segment ``k`` for a shard: its live rows with the ``columns`` its global stage's fit reads.
+
+    Every view has the same columns: one the rows lack (a shard none of whose rows reached the stages
+    that make it) is added as nulls of the pipeline ``schema``'s type."""
+    t = live_rows
+    for c in dict.fromkeys(columns):
+        if c not in t.column_names and c in schema.names:
+            t = t.append_column(schema.field(c), pa.nulls(t.num_rows, schema.field(c).type))
+    cols = [c for c in dict.fromkeys(columns) if c in t.column_names]
+    write_parquet_atomic(t.select(cols), view_path(layout, k, shard), compression)
 
 
 def live_count(path: str | Path) -> int:

@@ -32,11 +32,12 @@ class LocalRunner(Runner):
                 st.ensure_setup()
             with progress(f"segment {job.segment.index}: {names}", total=len(job.inputs), unit="shard") as bar:
                 for shard in job.inputs:
-                    table = job.rows(shard).entering(job.segment.index)
+                    rows = job.rows(shard)
+                    table = rows.entering(job.segment.index)
                     shard_timing: dict[str, float] = {}
                     for st in stages:
                         table = run_stage_local(st, table, shard_timing)
-                    finish_shard(job, shard, table, shard_timing)
+                    finish_shard(job, shard, table, shard_timing, rows)
                     for k, v in shard_timing.items():
                         timing[k] = timing.get(k, 0.0) + v
                     bar.advance(1)

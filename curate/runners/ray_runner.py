@@ -100,14 +100,9 @@ def _stage_task(batch: pa.Table, params: dict, state: list | None, key: str, ind
 
 
 def _read_entering(batch: pa.Table, root: str, k: int) -> pa.Table:
-    from curate.runners.flow import POS
-
-    tables = []
-    for shard, base in zip(batch["shard"].to_pylist(), batch["base"].to_pylist()):
-        t = ShardRows(Layout(Path(root)), shard, base).entering(k)
-        tables.append(t)
-    t = pa.concat_tables(tables, promote_options="permissive")
-    return t if POS in t.column_names else t.append_column(POS, pa.array([], pa.int64()))
+    layout = Layout(Path(root))
+    return pa.concat_tables([ShardRows(layout, shard, base).entering(k) for shard, base in
+                             zip(batch["shard"].to_pylist(), batch["base"].to_pylist())], promote_options="permissive")
 
 
 def _write_parts(batch: pa.Table, root: str, k: int, produced: list[str], n_stages: int,
@@ -117,13 +112,13 @@ def _write_parts(batch: pa.Table, root: str, k: int, produced: list[str], n_stag
     out: dict[str, list] = defaultdict(list)
     for shard in pc.unique(batch[S.SHARD]).to_pylist():
         part = batch.filter(pc.equal(batch[S.SHARD], shard))
+        write_group(layout, k, shard, part, produced, compression)
         out["shard"].append(shard)
-        out["path"].append(write_group(layout, k, shard, part, produced, compression))
         out["rows"].append(part.num_rows)
         for i in range(n_stages):
             col = f"{SECONDS}{i}"
             out[col].append(pc.sum(part[col]).as_py() if col in part.column_names else 0.0)
-    schema = [("shard", pa.string()), ("path", pa.string()), ("rows", pa.int64())] + \
+    schema = [("shard", pa.string()), ("rows", pa.int64())] + \
         [(f"{SECONDS}{i}", pa.float64()) for i in range(n_stages)]
     return pa.table({name: pa.array(out[name], t) for name, t in schema})
 
@@ -131,12 +126,10 @@ def _write_parts(batch: pa.Table, root: str, k: int, produced: list[str], n_stag
 def _finish(job: SegmentJob, shard: str, inputs: dict[str, str], expected: dict[str, int],
             seconds: dict[str, float], empty: bool) -> dict:
     job.inputs, job.expected_rows = inputs, expected
-    table = ShardRows(job.layout, shard, inputs[shard]).entering(job.segment.index) if empty else None
-    if table is not None:  # no row entered this segment: nothing ran, write the (empty) group as is
-        for c in job.schema.names:
-            if c not in table.column_names:
-                table = table.append_column(job.schema.field(c), pa.nulls(0, job.schema.field(c).type))
-    return finish_shard(job, shard, table, seconds)
+    if not empty:
+        return finish_shard(job, shard, None, seconds)
+    rows = job.rows(shard)  # no row entered this segment: nothing ran, the (empty) entering table is its output
+    return finish_shard(job, shard, rows.entering(job.segment.index), seconds, rows)
 
 
 class RayRunner(Runner):

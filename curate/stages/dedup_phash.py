@@ -229,16 +229,16 @@ class DedupPhash(DedupStage):
                   f"FROM {{src}} WHERE {S.REJECT_REASON} IS NULL AND {S.PHASH} IS NOT NULL")
         parts = store.n_partitions(ctx.total_rows, p.rows_per_partition)
         sources = store.shuffle(ctx, select, parts, work / "shuffle")
-        vals = store.map_tasks(ctx, _values, [(src, str(work / "values"), i, str(work))
+        vals = ctx.map(_values, [(src, str(work / "values"), i, str(work))
                                               for i, src in enumerate(sources) if src])
         shutil.rmtree(work / "shuffle", ignore_errors=True)
         n_values = sum(n for _, n, _ in vals)
         # 2. pairs of distinct hashes within the radius (multi-index hashing)
         n_keys = n_values * mih.CHUNKS * len(mih.masks(mih.chunk_radius(p.radius)))
         kparts = store.n_partitions(n_keys, KEYS_PER_PARTITION)
-        store.map_tasks(ctx, _keys, [(path, p.radius, kparts, str(work / "keys"), f"v{i:05d}")
+        ctx.map(_keys, [(path, p.radius, kparts, str(work / "keys"), f"v{i:05d}")
                                      for i, (path, _, _) in enumerate(vals)])
-        n_pairs = sum(store.map_tasks(ctx, _pairs, [(str(work / "keys"), q, p.radius,
+        n_pairs = sum(ctx.map(_pairs, [(str(work / "keys"), q, p.radius,
                                                      str(work / "edges" / f"e{q:05d}.parquet"))
                                                     for q in range(kparts)]))
         shutil.rmtree(work / "keys", ignore_errors=True)
@@ -249,7 +249,7 @@ class DedupPhash(DedupStage):
             self._resolve(ctx, work, vals, parts, node_parts, buckets)
         # 4. decisions for removed best rows and for rows sharing a hash
         dbuckets = store.n_buckets(len(ctx.paths))
-        removed = sum(store.map_tasks(ctx, _members, [(v, v.replace("values-", "members-"),
+        removed = sum(ctx.map(_members, [(v, v.replace("values-", "members-"),
                                                        str(work / "resolved" / f"p{i:05d}"), str(work / "parts"),
                                                        f"m{j:05d}", dbuckets) for j, (v, _, i) in enumerate(vals)]))
         shutil.rmtree(work / "resolved", ignore_errors=True)
@@ -266,14 +266,14 @@ class DedupPhash(DedupStage):
         component buckets, one keep-one task per bucket; writes ``resolved/pNNNNN/`` by hash partition."""
         graph = work / "graph"
         edge_files = sorted((work / "edges").glob("*.parquet"))
-        store.map_tasks(ctx, _spread, [(str(f), node_parts, str(graph), f.stem) for f in edge_files])
+        ctx.map(_spread, [(str(f), node_parts, str(graph), f.stem) for f in edge_files])
         shutil.rmtree(work / "edges", ignore_errors=True)
         stars = None
         if node_parts > 1:
             stars = str(components.components(ctx, graph / "adjacency", node_parts, graph / "cc"))
-        store.map_tasks(ctx, _labels, [(stars, str(graph), q, node_parts, buckets, parts, f"l{q:05d}")
+        ctx.map(_labels, [(stars, str(graph), q, node_parts, buckets, parts, f"l{q:05d}")
                                        for q in range(node_parts)])
-        store.map_tasks(ctx, _node_info, [(v, i, str(graph), buckets, f"n{i:05d}") for v, _, i in vals])
-        store.map_tasks(ctx, _resolve_bucket, [(str(graph), r, parts, str(work / "resolved"), f"r{r:05d}")
+        ctx.map(_node_info, [(v, i, str(graph), buckets, f"n{i:05d}") for v, _, i in vals])
+        ctx.map(_resolve_bucket, [(str(graph), r, parts, str(work / "resolved"), f"r{r:05d}")
                                                for r in range(buckets)])
         shutil.rmtree(graph, ignore_errors=True)

@@ -369,7 +369,7 @@ class DedupSemantic(DedupStage):
         cut = min(_SAMPLE_MOD, math.ceil(_SAMPLE_MOD * want / total)) if train else 0
         keep = p.keep if p.mode == "keep_one" else "smallest_uid"
         groups = store.file_groups(ctx.paths)
-        scans = store.map_tasks(ctx, _scan, [(g, p.column, keep, cut, str(work), f"s{i:05d}")
+        scans = ctx.map(_scan, [(g, p.column, keep, cut, str(work), f"s{i:05d}")
                                              for i, g in enumerate(groups)])
         n = sum(c for group in scans for c, _, _ in group)
         rows = [[r for _, r, _ in group if r] for group in scans]
@@ -381,16 +381,16 @@ class DedupSemantic(DedupStage):
         info: dict[str, Any] = {"mode": p.mode, "threshold": p.cutoff, "keep": p.keep if p.mode == "keep_one" else
                                 "semdedup order", "rows_with_embedding": n, "device": device}
         if exact:
-            res = store.map_tasks(ctx, _exact, [([r for g in rows for r in g], p.cutoff, str(work / "parts"),
+            res = ctx.map(_exact, [([r for g in rows for r in g], p.cutoff, str(work / "parts"),
                                                  buckets, device)], num_gpus=gpus)[0]
             info.update(method="exact", **res)
         else:
             centroids = self._centroids(ctx, [s for group in scans for _, _, s in group if s], n, work)
             cb = store.n_partitions(n, p.rows_per_bucket)
-            store.map_tasks(ctx, _assign, [(g, centroids, cb, str(work / "assign"), f"a{i:05d}", device)
+            ctx.map(_assign, [(g, centroids, cb, str(work / "assign"), f"a{i:05d}", device)
                                            for i, g in enumerate(rows) if g], num_gpus=gpus)
             shutil.rmtree(work / "rows", ignore_errors=True)
-            res = store.map_tasks(ctx, _clusters, [(str(work / "assign"), b, p.cutoff, p.mode, str(work / "parts"),
+            res = ctx.map(_clusters, [(str(work / "assign"), b, p.cutoff, p.mode, str(work / "parts"),
                                                     buckets, device, centroids) for b in range(cb)], num_gpus=gpus)
             info.update(method="kmeans", n_clusters=len(np.load(centroids, mmap_mode="r")), cluster_buckets=cb,
                         largest_cluster=max(r["largest"] for r in res), pairs=sum(r["pairs"] for r in res),
@@ -422,5 +422,5 @@ class DedupSemantic(DedupStage):
         k = p.n_clusters or math.ceil(n / p.rows_per_cluster)
         order = "input" if p.mode == "semdedup" else "uid"
         log.info("%s: spherical k-means (FAISS), k=%d, %d iterations, seed %d", self.id, k, p.kmeans_iterations, p.seed)
-        store.map_tasks(ctx, _train, [(samples, k, p.kmeans_iterations, p.seed, order, str(out))])
+        ctx.map(_train, [(samples, k, p.kmeans_iterations, p.seed, order, str(out))])
         return str(out)
