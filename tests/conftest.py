@@ -24,12 +24,19 @@ REPO = Path(__file__).resolve().parents[1]
 # connect or lookup outside 127.0.0.0/8 raises before it happens and is logged; the autouse fixture
 # `_loopback_only` fails the test during which one was attempted.
 NETGUARD_DIR = REPO / "tests" / "netguard"
-if not os.environ.get("CURATE_NETGUARD_LOG"):
+_OWN_NETGUARD_LOG = not os.environ.get("CURATE_NETGUARD_LOG")
+if _OWN_NETGUARD_LOG:
     os.environ["CURATE_NETGUARD_LOG"] = str(Path(tempfile.mkdtemp(prefix="curate-netguard-")) / "net.log")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(NETGUARD_DIR), os.environ.get("PYTHONPATH")) if p)
     _spec = importlib.util.spec_from_file_location("curate_netguard_hook", NETGUARD_DIR / "sitecustomize.py")
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 NETGUARD_LOG = Path(os.environ["CURATE_NETGUARD_LOG"])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The audit log's temporary folder goes with the session that made it (kept when a test failed)."""
+    if _OWN_NETGUARD_LOG and exitstatus == 0:
+        shutil.rmtree(NETGUARD_LOG.parent, ignore_errors=True)
 
 
 class NetLog:

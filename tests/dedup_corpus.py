@@ -134,10 +134,13 @@ def write_shards(table: pa.Table, out: Path, shard_size: int) -> list[str]:
     return paths
 
 
-def fit_apply(params: dict, paths: list[str], work: Path, runner: str = "local") -> dict[str, tuple]:
-    """Fit a global stage over shard files and apply it shard by shard: uid -> (duplicate_of, detail)."""
+def fit_apply(params: dict, paths: list[str], work: Path, runner: str = "local",
+              count_rows: bool = True) -> dict[str, tuple]:
+    """Fit a global stage over shard files and apply it shard by shard: uid -> (duplicate_of, detail).
+
+    ``count_rows=False``: the fit is not told how many rows enter it (as from a notebook table)."""
     stage = registry.create(params)
-    ctx = FitContext(paths, work, runner, 2, sum(pq.read_metadata(p).num_rows for p in paths))
+    ctx = FitContext(paths, work, runner, 2, sum(pq.read_metadata(p).num_rows for p in paths) if count_rows else None)
     work.mkdir(parents=True, exist_ok=True)
     stage.set_state(stage.fit(ctx))
     out = {}

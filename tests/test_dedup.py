@@ -196,11 +196,12 @@ def test_multi_index_hashing_finds_every_pair_exactly_once(radius):
     assert len(want) > 100 and sorted(got) == sorted(want)  # each pair once, none missing, none farther
 
 
-@pytest.mark.parametrize("radius", [6, 9])
-def test_phash_dedup_matches_bruteforce_reference(tmp_path, monkeypatch, radius):
+@pytest.mark.parametrize("radius,keys_per_partition", [(6, 20_000), (9, 20_000), (6, None)])
+def test_phash_dedup_matches_bruteforce_reference(tmp_path, monkeypatch, radius, keys_per_partition):
     from curate.stages import dedup_phash
 
-    monkeypatch.setattr(dedup_phash, "KEYS_PER_PARTITION", 20_000)  # several MIH key partitions
+    if keys_per_partition:  # several MIH key partitions (None: one, keys made where they are used)
+        monkeypatch.setattr(dedup_phash, "KEYS_PER_PARTITION", keys_per_partition)
     rng = np.random.default_rng(radius)
     hashes, uids = dc.planted_hashes(rng, 250, radius)
     t, width, reject = dc.phash_rows(rng, hashes, uids, 17)
@@ -236,11 +237,18 @@ def test_semantic_exact_and_kmeans_match_reference(tmp_path, monkeypatch, block,
     e, t = dc.emb_table(rng)
     paths = dc.write_shards(t, tmp_path / "shards", 64)
     uids, score, x = t["uid"].to_pylist(), t["clip_score"].to_pylist(), _unit(e)
-    got = dc.fit_apply({"stage": "dedup_semantic", "method": "exact"}, paths, tmp_path / "exact")
+    from curate.stages import dedup_semantic
+
+    with monkeypatch.context() as m:  # the row count is known and small: read directly, no scan
+        m.setattr(dedup_semantic, "_scan", None)
+        got = dc.fit_apply({"stage": "dedup_semantic", "method": "exact"}, paths, tmp_path / "exact")
     want = _ref_keep_one(x, uids, score, 0.95)
     assert {u: d for u, (d, _) in got.items()} == want and len(want) > 40
     u, (d, detail) = next(iter(got.items()))
     assert detail == f"cosine {float(x[uids.index(u)] @ x[uids.index(d)]):.4f} with {d}"
+    # the same decisions when the rows are first counted by the scan (compact copy) instead of read directly
+    assert dc.fit_apply({"stage": "dedup_semantic", "method": "exact"}, paths, tmp_path / "scan",
+                        count_rows=False) == got
     # k-means: the same rule inside each cluster of the trained centroids
     work = tmp_path / "km"
     got = dc.fit_apply({"stage": "dedup_semantic", "method": "kmeans", "n_clusters": 4}, paths, work)

@@ -78,6 +78,34 @@ def test_rejected_rows_leave_the_flow_and_images_are_written_once(hostile_server
     assert dup["image"] and dup[S.PHASH] is None  # rejected in segment 1: the columns it had by then
 
 
+def test_fit_views_reference_embeddings_instead_of_copying_them(hostile_server, tmp_path, monkeypatch):
+    import numpy as np
+
+    import curate.pipeline as pipeline
+    from curate.runners.flow import view_refs, view_schema
+    from curate.stages.dedup_semantic import _read_active
+
+    monkeypatch.setattr(pipeline, "_cleanup", lambda layout, n: None)
+    inp = _photos(tmp_path / "in.parquet", hostile_server, 10)
+    out = tmp_path / "out"
+    curate.run(_cfg(inp, out, extra=[{"stage": "clip_embed"}, {"stage": "dedup_semantic", "threshold": 0.9999}]))
+    views = sorted((out / "_work" / "view-2").glob("*.parquet"))
+    assert views
+    final = {r["uid"]: r[S.IMAGE_EMBEDDING] for r in read_dir(out / "data").to_pylist()}
+    seen = 0
+    for v in views:
+        assert S.IMAGE_EMBEDDING not in pq.read_schema(v).names  # not copied into the view ...
+        assert S.IMAGE_EMBEDDING in view_schema(v).names  # ... but there for the fit
+        refs = view_refs(v)[S.IMAGE_EMBEDDING]
+        assert refs and all("/seg-1/" in f and Path(f).exists() for f in refs)
+        t, x = _read_active(str(v), [S.UID, S.IMAGE_EMBEDDING], S.IMAGE_EMBEDDING)
+        for uid, e in zip(t[S.UID].to_pylist(), x):
+            if uid in final:
+                assert np.array_equal(np.asarray(final[uid], e.dtype), e)
+                seen += 1
+    assert seen >= 6
+
+
 # -- models released between segments ----------------------------------------------------------------
 _SEEN: list[int] = []
 

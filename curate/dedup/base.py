@@ -98,7 +98,9 @@ def check_columns(stage: GlobalStage, ctx: Any, needed: tuple[str, ...], keep: s
 
     if not ctx.paths:
         return pa.schema([])
-    schema = pq.read_schema(ctx.paths[0])
+    from curate.runners.flow import view_schema
+
+    schema = view_schema(ctx.paths[0])
     needed = needed + (keep_columns(keep, schema.names) if keep else ())
     missing = [c for c in needed if c not in schema.names]
     if keep == "largest_image" and not _size_pairs(schema.names):

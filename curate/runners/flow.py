@@ -20,6 +20,7 @@ by their positions, so a retried write replaces its own part and duplicate rows 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -33,6 +34,7 @@ from curate.io.files import write_parquet_atomic
 from curate.layout import Layout
 
 POS = "__pos"
+REFS = "curate.refs"  # fit view metadata: {column: [group part files holding it, relative to _work/]}
 
 
 def is_heavy(t: pa.DataType) -> bool:
@@ -163,18 +165,57 @@ class ShardRows:
         return [t for t in out if t.num_rows]
 
 
+def _holders(layout: Layout, k: int, shard: str, column: str) -> list[Path]:
+    """Part files of the latest column group before segment ``k`` that made ``column`` (none: not made by one)."""
+    for j in range(k - 1, -1, -1):
+        files = sorted(group_dir(layout, j, shard).glob("*.parquet"))
+        having = [f for f in files if column in pq.read_schema(f).names]
+        if having:
+            return having
+    return []
+
+
 def write_view(layout: Layout, k: int, shard: str, live_rows: pa.Table, columns: list[str], schema: pa.Schema,
                compression: str) -> None:
     """The fit view of segment ``k`` for a shard: its live rows with the ``columns`` its global stage's fit reads.
 
     Every view has the same columns: one the rows lack (a shard none of whose rows reached the stages
-    that make it) is added as nulls of the pipeline ``schema``'s type."""
+    that make it) is added as nulls of the pipeline ``schema``'s type.  A heavy column (embeddings)
+    that an earlier segment's column group holds is not copied: the view keeps ``__pos`` and names
+    those group files in its metadata (``REFS``); :func:`view_refs` / :func:`view_schema` resolve it."""
     t = live_rows
+    refs: dict[str, list[str]] = {}
     for c in dict.fromkeys(columns):
+        if c in schema.names and is_heavy(schema.field(c).type) and POS in t.column_names:
+            files = _holders(layout, k, shard, c)
+            if files:
+                refs[c] = [str(f.relative_to(layout.work)) for f in files]
+                continue
         if c not in t.column_names and c in schema.names:
             t = t.append_column(schema.field(c), pa.nulls(t.num_rows, schema.field(c).type))
-    cols = [c for c in dict.fromkeys(columns) if c in t.column_names]
-    write_parquet_atomic(t.select(cols), view_path(layout, k, shard), compression)
+    cols = [c for c in dict.fromkeys(columns) if c in t.column_names and c not in refs]
+    out = t.select(cols + ([POS] if refs else []))
+    if refs:
+        out = out.replace_schema_metadata({REFS: json.dumps(refs)})
+    write_parquet_atomic(out, view_path(layout, k, shard), compression)
+
+
+def view_refs(path: str | Path) -> dict[str, list[str]]:
+    """Columns a fit view holds by reference: column -> the group part files with its values (by ``__pos``)."""
+    md = pq.read_schema(path).metadata or {}
+    raw = md.get(REFS.encode())
+    if not raw:
+        return {}
+    work = Path(path).resolve().parent.parent
+    return {c: [str(work / f) for f in files] for c, files in json.loads(raw).items()}
+
+
+def view_schema(path: str | Path) -> pa.Schema:
+    """Schema of a fit input as its fit sees it: a view's referenced columns included."""
+    schema = pq.read_schema(path)
+    for c, files in view_refs(path).items():
+        schema = schema.append(pq.read_schema(files[0]).field(c))
+    return schema
 
 
 def live_count(path: str | Path) -> int:

@@ -6,7 +6,9 @@ tasks.  The first operator reads the rows entering the segment per shard (live r
 :mod:`curate.runners.flow`); the last writes each batch's column-group part per shard and
 reports ``(shard, rows)``.  The driver consumes those reports as they stream in and finishes a
 shard -- done marker included -- as soon as all its rows cleared the segment, while other
-shards are still running: a killed run redoes only unfinished shards.
+shards are still running: a killed run redoes only unfinished shards.  In the last segment a
+shard whose rows arrive in one batch is finished by the writer itself (no part written and
+read back).
 
 Workers stay bounded: a task worker keeps one stage object (keyed by the segment's state
 token, not by object identity), and per-stage seconds ride along with the rows as a column
@@ -105,21 +107,35 @@ def _read_entering(batch: pa.Table, root: str, k: int) -> pa.Table:
                              zip(batch["shard"].to_pylist(), batch["base"].to_pylist())], promote_options="permissive")
 
 
-def _write_parts(batch: pa.Table, root: str, k: int, produced: list[str], n_stages: int,
-                 compression: str) -> pa.Table:
-    """Write the batch's column-group part of each shard in it; report rows and stage seconds per shard."""
+def _read_args() -> dict[str, Any]:
+    return {"num_cpus": 0.25}
+
+
+def _write_parts(batch: pa.Table, root: str, k: int, produced: list[str], stage_ids: list[str],
+                 compression: str, final: SegmentJob | None) -> pa.Table:
+    """Write the batch's column-group part of each shard in it; report rows and stage seconds per shard.
+
+    ``final`` (the last segment: the light job with the bases and row counts of its shards): a shard
+    whose rows all arrived in this batch is finished right here -- data/, rejected/, done marker --
+    so its rows are not written as a part and read back by a finish task."""
     layout = Layout(Path(root))
     out: dict[str, list] = defaultdict(list)
     for shard in pc.unique(batch[S.SHARD]).to_pylist():
         part = batch.filter(pc.equal(batch[S.SHARD], shard))
-        write_group(layout, k, shard, part, produced, compression)
+        seconds = [pc.sum(part[f"{SECONDS}{i}"]).as_py() if f"{SECONDS}{i}" in part.column_names else 0.0
+                   for i in range(len(stage_ids))]
+        done = final is not None and part.num_rows == final.expected_rows.get(shard)
+        if done:
+            finish_shard(final, shard, part, dict(zip(stage_ids, seconds)))
+        else:
+            write_group(layout, k, shard, part, produced, compression)
         out["shard"].append(shard)
         out["rows"].append(part.num_rows)
-        for i in range(n_stages):
-            col = f"{SECONDS}{i}"
-            out[col].append(pc.sum(part[col]).as_py() if col in part.column_names else 0.0)
-    schema = [("shard", pa.string()), ("rows", pa.int64())] + \
-        [(f"{SECONDS}{i}", pa.float64()) for i in range(n_stages)]
+        out["finished"].append(done)
+        for i, sec in enumerate(seconds):
+            out[f"{SECONDS}{i}"].append(sec)
+    schema = [("shard", pa.string()), ("rows", pa.int64()), ("finished", pa.bool_())] + \
+        [(f"{SECONDS}{i}", pa.float64()) for i in range(len(stage_ids))]
     return pa.table({name: pa.array(out[name], t) for name, t in schema})
 
 
@@ -245,9 +261,11 @@ class RayRunner(Runner):
             ds = ray.data.from_items([{"shard": s, "base": job.inputs[s]} for s in todo],
                                      override_num_blocks=len(todo))
             # light tasks read one shard each (Ray's file listing operator takes a whole CPU and starves
-            # actor pools on small machines)
+            # actor pools on small machines).  A ``ray_remote_args_fn`` keeps Ray Data from fusing the read
+            # into the first stage: fused, the stage's batch size (in rows) would bundle that many *shards*
+            # into one task, and one worker would run the whole segment while the others wait.
             ds = ds.map_batches(_read_entering, fn_args=(str(job.layout.root), k), batch_size=1,
-                                batch_format="pyarrow", num_cpus=0.25)
+                                batch_format="pyarrow", num_cpus=0.25, ray_remote_args_fn=_read_args)
             head_state = [ray.put(job.segment.head.state)] if job.segment.head is not None else None
             key = uuid.uuid4().hex
             factors = self._fit_factors(stages)
@@ -255,8 +273,13 @@ class RayRunner(Runner):
             for i, st in enumerate(stages):
                 ds = self._add_stage(ds, st, i, head_state if st is job.segment.head else None, key, factors,
                                      max_rows)
-            ds = ds.map_batches(_write_parts, fn_args=(str(job.layout.root), k, job.segment.produces, len(stages),
-                                                       job.compression),
+            final = None
+            if job.final:
+                final = job.light()
+                final.inputs = {s: job.inputs[s] for s in todo}
+                final.expected_rows = {s: job.expected_rows[s] for s in todo}
+            ds = ds.map_batches(_write_parts, fn_args=(str(job.layout.root), k, job.segment.produces,
+                                                       [st.id for st in stages], job.compression, final),
                                 batch_size=None, batch_format="pyarrow", num_cpus=0.25)
             got: dict[str, int] = defaultdict(int)
             secs: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -266,9 +289,14 @@ class RayRunner(Runner):
                     got[shard] += row["rows"]
                     for i, st in enumerate(stages):
                         secs[shard][st.id] += row.get(f"{SECONDS}{i}") or 0.0
-                    if got[shard] >= job.expected_rows[shard]:  # every row of the shard cleared the segment
+                    if row.get("finished"):  # finished by the writer (final segment, rows in one batch)
+                        secs.pop(shard, None)
+                        del got[shard]
+                    elif got[shard] >= job.expected_rows[shard]:  # every row of the shard cleared the segment
                         start(shard, dict(secs.pop(shard)), False)
                         del got[shard]
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("segment %d, Ray Data stats:\n%s", k, ds.stats())
             if got:
                 raise RuntimeError(f"segment {k}: rows of shards {sorted(got)[:5]} did not all come back")
         ray.get(pending)

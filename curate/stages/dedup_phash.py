@@ -16,7 +16,8 @@ Algorithm (no all-pairs comparison, bounded memory):
    identical hashes onto their best row by the keep rule (the others are duplicates of it,
    distance 0) and writes one row per distinct hash;
 2. multi-index hashing (:mod:`curate.dedup.mih`): each distinct hash gets ``4*C(16, radius//4)``
-   keys, keys are shuffled into partitions (tasks), and pairs sharing a key are verified by
+   keys, keys are shuffled into partitions (tasks; with a single key partition the keys are
+   made by the one task that needs them, nothing written), and pairs sharing a key are verified by
    popcount -- every pair within ``radius`` is found exactly once (pigeonhole over 16-bit
    chunks), no pair farther is reported;
 3. the near-duplicate graph between distinct hashes is resolved best-first by the keep rule
@@ -113,8 +114,20 @@ def _pairs(args: tuple[str, int, int, str]) -> int:
     if not files:
         return 0
     t = pa.concat_tables([pq.read_table(f) for f in files])
-    h = t["h"].to_numpy()
-    a, b, d = mih.pairs(t["k"].to_numpy(), h, radius)
+    return _write_pairs(t["k"].to_numpy(), t["h"].to_numpy(), radius, out)
+
+
+def _pairs_direct(args: tuple[list[str], int, str]) -> int:
+    """One key partition only: the keys of every value are made in this task, no shuffle written."""
+    paths, radius, out = args
+    values = np.concatenate([pq.read_table(f, columns=[S.PHASH])[S.PHASH].to_numpy() for f in paths]
+                            or [np.zeros(0, np.uint64)])
+    k, i = mih.keys(values, radius)
+    return _write_pairs(k, values[i], radius, out)
+
+
+def _write_pairs(k: np.ndarray, h: np.ndarray, radius: int, out: str) -> int:
+    a, b, d = mih.pairs(k, h, radius)
     pq.write_table(pa.table({"a": pa.array(h[a], pa.uint64()), "b": pa.array(h[b], pa.uint64()),
                              "d": pa.array(d, pa.uint8())}), out)
     return len(a)
@@ -236,11 +249,14 @@ class DedupPhash(DedupStage):
         # 2. pairs of distinct hashes within the radius (multi-index hashing)
         n_keys = n_values * mih.CHUNKS * len(mih.masks(mih.chunk_radius(p.radius)))
         kparts = store.n_partitions(n_keys, KEYS_PER_PARTITION)
-        ctx.map(_keys, [(path, p.radius, kparts, str(work / "keys"), f"v{i:05d}")
-                                     for i, (path, _, _) in enumerate(vals)])
-        n_pairs = sum(ctx.map(_pairs, [(str(work / "keys"), q, p.radius,
-                                                     str(work / "edges" / f"e{q:05d}.parquet"))
-                                                    for q in range(kparts)]))
+        if kparts == 1:  # the shuffle would write every key to one partition: make them where they are used
+            n_pairs = ctx.map(_pairs_direct, [([path for path, _, _ in vals], p.radius,
+                                               str(work / "edges" / "e00000.parquet"))])[0]
+        else:
+            ctx.map(_keys, [(path, p.radius, kparts, str(work / "keys"), f"v{i:05d}")
+                            for i, (path, _, _) in enumerate(vals)])
+            n_pairs = sum(ctx.map(_pairs, [(str(work / "keys"), q, p.radius, str(work / "edges" / f"e{q:05d}.parquet"))
+                                           for q in range(kparts)]))
         shutil.rmtree(work / "keys", ignore_errors=True)
         # 3. best-first resolution, per bucket of connected components of the near-duplicate graph
         node_parts = store.n_partitions(2 * n_pairs, p.rows_per_partition)

@@ -12,7 +12,9 @@ Methods (``method: auto`` = exact up to ``exact_max_rows`` rows with embeddings,
 * ``exact``: every pair above the threshold among all rows, in one task that holds every
   embedding (raw, as stored) -- for small corpora.  ``method: exact`` with more than
   ``exact_max_rows`` (default 50,000) rows with embeddings is refused with a one-line error
-  that names ``method: kmeans``; ``method: auto`` switches to k-means there.
+  that names ``method: kmeans``; ``method: auto`` switches to k-means there.  When the live
+  rows entering the stage are already at most ``exact_max_rows``, the task reads the rows
+  straight from the input files (nothing is copied); otherwise the scan below counts them.
 * ``kmeans`` (SemDeDup's scheme), in ``ctx.map`` tasks (Ray tasks under the Ray runner; the
   driver only holds file lists and counts, see ``bench/dedup_scale.py``):
 
@@ -153,15 +155,21 @@ def _read_active(path: str, columns: list[str], emb: str) -> tuple[pa.Table, np.
     than pyarrow) and their raw embeddings, in the file's own float type."""
     import duckdb
 
-    schema = pq.read_schema(path)
+    from curate.runners.flow import POS, view_refs, view_schema
+
+    schema = view_schema(path)
     names = [c for c in columns if c in schema.names and c != emb]
     position = S.SOURCE_ROW not in schema.names  # notebook tables: position in the file
     con = duckdb.connect()
     con.execute("SET threads = 1")  # files are read in parallel instead
-    cols = ", ".join(f'"{c}"' for c in names + [emb] + (["file_row_number"] if position else []))
-    rel = con.sql(f"SELECT {cols} FROM read_parquet({store.sql_list([path])}"
-                  f"{', file_row_number = true' if position else ''}) "
-                  f'WHERE "{S.REJECT_REASON}" IS NULL AND "{emb}" IS NOT NULL')
+    cols = ", ".join(f'v."{c}"' for c in names) + f', "{emb}"' + (", file_row_number" if position else "")
+    src = f"read_parquet({store.sql_list([path])}{', file_row_number = true' if position else ''}) v"
+    refs = view_refs(path).get(emb)
+    if refs:  # a runner's fit view: the embeddings stay in the column group that made them (joined by position)
+        src += (f' JOIN (SELECT "{POS}", "{emb}" FROM read_parquet({store.sql_list(refs)}) '
+                f'QUALIFY row_number() OVER (PARTITION BY "{POS}") = 1) g ON v."{POS}" = g."{POS}"')
+    rel = con.sql(f'SELECT {cols} FROM {src} WHERE v."{S.REJECT_REASON}" IS NULL AND "{emb}" IS NOT NULL'
+                  + (f' ORDER BY v."{POS}"' if refs else ""))
     t = store.arrow(rel)
     con.close()
     if position:
@@ -342,8 +350,32 @@ def _exact(args: tuple[list[str], float, str, int, str]) -> dict[str, int]:
     t = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks() if files else None
     if t is None or t.num_rows < 2:
         return {"pairs": 0, "removed": 0}
+    return _exact_decide(t, _embeddings_of(t), cutoff, parts_dir, buckets, device)
+
+
+def _exact_inputs(args: tuple) -> dict[str, int]:
+    """Method exact on inputs known to be small (live rows <= ``exact_max_rows``): the active rows
+    are read straight from the input files in this one task -- no compact copy is written."""
+    files, emb, keep, cutoff, parts_dir, buckets, device = args
+
+    def one(path: str) -> tuple[pa.Table, np.ndarray]:
+        t, x = _read_active(path, [S.UID, S.SHARD, S.SOURCE_ROW, emb, *keep_columns(keep, pq.read_schema(path).names)],
+                            emb)
+        return pa.table({S.UID: t[S.UID], S.SHARD: t[S.SHARD], S.SOURCE_ROW: t[S.SOURCE_ROW],
+                         METRIC: metric_array(t, keep)}), x
+
+    got = [(t, x) for t, x in vectors.parallel_map(one, files) if t.num_rows]
+    n = sum(t.num_rows for t, _ in got)
+    if n < 2:
+        return {"pairs": 0, "removed": 0, "rows": n}
+    t = pa.concat_tables([t for t, _ in got]).combine_chunks()
+    return {**_exact_decide(t, np.concatenate([x for _, x in got]), cutoff, parts_dir, buckets, device), "rows": n}
+
+
+def _exact_decide(t: pa.Table, x: np.ndarray, cutoff: float, parts_dir: str, buckets: int,
+                  device: str) -> dict[str, int]:
     with vectors.torch_single_thread():
-        dec, pairs = decide(t, _embeddings_of(t), cutoff, "keep_one", device)
+        dec, pairs = decide(t, x, cutoff, "keep_one", device)
     store.write_decisions(dec, parts_dir, "exact", buckets)
     return {"pairs": pairs, "removed": dec.num_rows}
 
@@ -368,6 +400,17 @@ class DedupSemantic(DedupStage):
         train = p.centroids_path is None and p.method != "exact"
         cut = min(_SAMPLE_MOD, math.ceil(_SAMPLE_MOD * want / total)) if train else 0
         keep = p.keep if p.mode == "keep_one" else "smallest_uid"
+        buckets = store.n_buckets(len(ctx.paths))
+        info: dict[str, Any] = {"mode": p.mode, "threshold": p.cutoff, "keep": p.keep if p.mode == "keep_one" else
+                                "semdedup order", "device": device}
+        if p.mode == "keep_one" and p.method != "kmeans" and ctx.total_rows is not None \
+                and ctx.total_rows <= p.exact_max_rows:
+            # few live rows: exact search straight from the inputs (no compact copy, no k-means sample)
+            res = ctx.map(_exact_inputs, [(list(ctx.paths), p.column, keep, p.cutoff, str(work / "parts"), buckets,
+                                           device)], num_gpus=gpus)[0]
+            n = res.pop("rows")
+            info.update(method="exact", rows_with_embedding=n, **res)
+            return self._finish(ctx, work, info, buckets)
         groups = store.file_groups(ctx.paths)
         scans = ctx.map(_scan, [(g, p.column, keep, cut, str(work), f"s{i:05d}")
                                              for i, g in enumerate(groups)])
@@ -377,9 +420,7 @@ class DedupSemantic(DedupStage):
         if p.method == "exact" and n > p.exact_max_rows:
             raise StageError(f"{self.id}: method exact holds all {n:,} embeddings in one process (limit "
                              f"exact_max_rows={p.exact_max_rows:,}); use method: kmeans (SemDeDup) for larger corpora")
-        buckets = store.n_buckets(len(ctx.paths))
-        info: dict[str, Any] = {"mode": p.mode, "threshold": p.cutoff, "keep": p.keep if p.mode == "keep_one" else
-                                "semdedup order", "rows_with_embedding": n, "device": device}
+        info["rows_with_embedding"] = n
         if exact:
             res = ctx.map(_exact, [([r for g in rows for r in g], p.cutoff, str(work / "parts"),
                                                  buckets, device)], num_gpus=gpus)[0]
@@ -395,10 +436,14 @@ class DedupSemantic(DedupStage):
             info.update(method="kmeans", n_clusters=len(np.load(centroids, mmap_mode="r")), cluster_buckets=cb,
                         largest_cluster=max(r["largest"] for r in res), pairs=sum(r["pairs"] for r in res),
                         removed=sum(r["removed"] for r in res))
+        return self._finish(ctx, work, info, buckets)
+
+    def _finish(self, ctx: Any, work: Path, info: dict[str, Any], buckets: int) -> dict[str, Any]:
         for sub in ("rows", "sample", "assign"):
             shutil.rmtree(work / sub, ignore_errors=True)
         info["decisions"] = store.compact_decisions(ctx, work / "parts", buckets)
-        log.info("%s: %s method, %d rows with embeddings, %d removed", self.id, info["method"], n, info["removed"])
+        log.info("%s: %s method, %d rows with embeddings, %d removed", self.id, info["method"],
+                 info["rows_with_embedding"], info["removed"])
         return info
 
     def _device(self, ctx: Any) -> tuple[str, float]:
