@@ -67,14 +67,16 @@ def _timed(stage: Stage, index: int, batch: pa.Table) -> pa.Table:
 class _StageActor:
     """Actor-pool worker: the stage is set up once per actor (and freed with the actor)."""
 
-    def __init__(self, params: dict, state: Any, index: int) -> None:
+    def __init__(self, params: dict, state: Any, index: int, write: tuple | None = None) -> None:
         import ray
 
         self.stage = _build_stage(params, ray.get(state[0]) if state else None)
         self.index = index
+        self.write = write  # the segment's last stage writes its own output (no hop to a write task)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _timed(self.stage, self.index, batch)
+        out = _timed(self.stage, self.index, batch)
+        return _write_parts(out, *self.write) if self.write else out
 
 
 def _stage_task(batch: pa.Table, params: dict, state: list | None, key: str, index: int) -> pa.Table:
@@ -212,7 +214,7 @@ class RayRunner(Runner):
         return fc, fg
 
     def _add_stage(self, ds: Any, stage: Stage, index: int, state: list | None, key: str,
-                   factors=(1.0, 1.0), max_rows: int | None = None) -> Any:
+                   factors=(1.0, 1.0), max_rows: int | None = None, write: tuple | None = None) -> Any:
         import ray
 
         res = stage.resources
@@ -230,7 +232,7 @@ class RayRunner(Runner):
             lo, hi = self._pool_size(stage)
             # a class per stage: Ray names the operator and the actor processes after it (ray::MapWorker(...))
             actor_cls = type(f"Stage_{stage.id}", (_StageActor,), {"__module__": __name__})
-            return ds.map_batches(actor_cls, fn_constructor_args=(params, state, index),
+            return ds.map_batches(actor_cls, fn_constructor_args=(params, state, index, write),
                                   compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **common)
         return ds.map_batches(_stage_task, fn_args=(params, state, key, index), **common)
 
@@ -270,17 +272,21 @@ class RayRunner(Runner):
             key = uuid.uuid4().hex
             factors = self._fit_factors(stages)
             max_rows = max((job.expected_rows[s] for s in todo), default=None)
-            for i, st in enumerate(stages):
-                ds = self._add_stage(ds, st, i, head_state if st is job.segment.head else None, key, factors,
-                                     max_rows)
             final = None
             if job.final:
                 final = job.light()
                 final.inputs = {s: job.inputs[s] for s in todo}
                 final.expected_rows = {s: job.expected_rows[s] for s in todo}
-            ds = ds.map_batches(_write_parts, fn_args=(str(job.layout.root), k, job.segment.produces,
-                                                       [st.id for st in stages], job.compression, final),
-                                batch_size=None, batch_format="pyarrow", num_cpus=0.25)
+            write = (str(job.layout.root), k, job.segment.produces, [st.id for st in stages], job.compression, final)
+            # an actor-pool last stage writes its batches itself: its output (image bytes, embeddings) is not
+            # shipped through the object store to a write task
+            own_write = bool(stages) and stages[-1].resources.stateful
+            for i, st in enumerate(stages):
+                ds = self._add_stage(ds, st, i, head_state if st is job.segment.head else None, key, factors,
+                                     max_rows, write if own_write and i == len(stages) - 1 else None)
+            if not own_write:
+                ds = ds.map_batches(_write_parts, fn_args=write, batch_size=None, batch_format="pyarrow",
+                                    num_cpus=0.25)
             got: dict[str, int] = defaultdict(int)
             secs: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
