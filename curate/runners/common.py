@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from curate import schema as S
 from curate.io.files import write_json_atomic, write_parquet_atomic
 from curate.layout import Layout
-from curate.runners.flow import ShardRows, live, write_group, write_view
+from curate.runners.flow import ShardRows, live, view_sources, write_group, write_view
 from curate.stage import GlobalStage, Stage
 
 
@@ -147,14 +147,19 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
     if not job.final:
         if table is not None:
             write_group(job.layout, k, shard, table, job.segment.produces, job.compression)
+        # heavy view columns a column group holds are referenced by the view, not copied (nor read here)
+        sources = {} if job.view_columns is None else \
+            view_sources(job.layout, k + 1, shard, job.view_columns, job.schema)
+        if table is not None:
             n, after = table.num_rows, live(table)
-        else:  # the view needs no image bytes: read the groups without the heavy columns it does not hold
-            rows = ShardRows(job.layout, shard, job.inputs[shard], heavy_kept=job.view_columns or [])
+        else:  # the view needs no image bytes: read the groups without the heavy columns it does not copy
+            rows = ShardRows(job.layout, shard, job.inputs[shard],
+                             heavy_kept=[c for c in job.view_columns or [] if c not in sources])
             n = rows.group(k).num_rows
             after = rows.entering(k + 1) if job.view_columns is not None else live(rows.group(k))
         _check(job, shard, n)
         if job.view_columns is not None:
-            write_view(job.layout, k + 1, shard, after, job.view_columns, job.schema, job.compression)
+            write_view(job.layout, k + 1, shard, after, job.view_columns, job.schema, job.compression, sources)
         info.update(rows=n, live=after.num_rows)
     else:
         rows = rows or job.rows(shard)

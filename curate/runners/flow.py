@@ -175,27 +175,35 @@ def _holders(layout: Layout, k: int, shard: str, column: str) -> list[Path]:
     return []
 
 
+def view_sources(layout: Layout, k: int, shard: str, columns: list[str], schema: pa.Schema) -> dict[str, list[Path]]:
+    """Heavy columns (embeddings) of segment ``k``'s fit view that an earlier column group holds:
+    column -> those part files.  The view references them instead of copying them, so they need not
+    be read to write it."""
+    out = {}
+    for c in dict.fromkeys(columns):
+        if c in schema.names and is_heavy(schema.field(c).type):
+            files = _holders(layout, k, shard, c)
+            if files:
+                out[c] = files
+    return out
+
+
 def write_view(layout: Layout, k: int, shard: str, live_rows: pa.Table, columns: list[str], schema: pa.Schema,
-               compression: str) -> None:
+               compression: str, sources: dict[str, list[Path]]) -> None:
     """The fit view of segment ``k`` for a shard: its live rows with the ``columns`` its global stage's fit reads.
 
     Every view has the same columns: one the rows lack (a shard none of whose rows reached the stages
-    that make it) is added as nulls of the pipeline ``schema``'s type.  A heavy column (embeddings)
-    that an earlier segment's column group holds is not copied: the view keeps ``__pos`` and names
-    those group files in its metadata (``REFS``); :func:`view_refs` / :func:`view_schema` resolve it."""
+    that make it) is added as nulls of the pipeline ``schema``'s type.  The columns in ``sources``
+    (:func:`view_sources`) are not copied: the view keeps ``__pos`` and names their group files in its
+    metadata (``REFS``); :func:`view_refs` / :func:`view_schema` resolve them."""
     t = live_rows
-    refs: dict[str, list[str]] = {}
     for c in dict.fromkeys(columns):
-        if c in schema.names and is_heavy(schema.field(c).type) and POS in t.column_names:
-            files = _holders(layout, k, shard, c)
-            if files:
-                refs[c] = [str(f.relative_to(layout.work)) for f in files]
-                continue
-        if c not in t.column_names and c in schema.names:
+        if c not in t.column_names and c in schema.names and c not in sources:
             t = t.append_column(schema.field(c), pa.nulls(t.num_rows, schema.field(c).type))
-    cols = [c for c in dict.fromkeys(columns) if c in t.column_names and c not in refs]
-    out = t.select(cols + ([POS] if refs else []))
-    if refs:
+    cols = [c for c in dict.fromkeys(columns) if c in t.column_names and c not in sources]
+    out = t.select(cols + ([POS] if sources else []))
+    if sources:
+        refs = {c: [str(f.relative_to(layout.work)) for f in files] for c, files in sources.items()}
         out = out.replace_schema_metadata({REFS: json.dumps(refs)})
     write_parquet_atomic(out, view_path(layout, k, shard), compression)
 

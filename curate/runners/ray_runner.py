@@ -40,6 +40,7 @@ from curate.stage import Stage
 log = logging.getLogger(__name__)
 
 SECONDS = "__seconds_"  # + stage index: per-row share of the batch's seconds in that stage
+READ_CPUS = 0.25  # a shard read is light
 MAX_FINISHING = 32  # shard finish tasks in flight (the driver's memory stays flat)
 
 # this worker's stages of the current segment: {"key": segment token, index: stage}.  Consecutive task stages
@@ -110,7 +111,7 @@ def _read_entering(batch: pa.Table, root: str, k: int) -> pa.Table:
 
 
 def _read_args() -> dict[str, Any]:
-    return {"num_cpus": 0.25}
+    return {"num_cpus": READ_CPUS}
 
 
 def _write_parts(batch: pa.Table, root: str, k: int, produced: list[str], stage_ids: list[str],
@@ -267,7 +268,7 @@ class RayRunner(Runner):
             # into the first stage: fused, the stage's batch size (in rows) would bundle that many *shards*
             # into one task, and one worker would run the whole segment while the others wait.
             ds = ds.map_batches(_read_entering, fn_args=(str(job.layout.root), k), batch_size=1,
-                                batch_format="pyarrow", num_cpus=0.25, ray_remote_args_fn=_read_args)
+                                batch_format="pyarrow", num_cpus=READ_CPUS, ray_remote_args_fn=_read_args)
             head_state = [ray.put(job.segment.head.state)] if job.segment.head is not None else None
             key = uuid.uuid4().hex
             factors = self._fit_factors(stages)

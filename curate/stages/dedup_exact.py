@@ -92,6 +92,9 @@ def _reduce(args: tuple[str, str, str, str, int, str]) -> int:
                                  parts_dir, name, buckets)
 
 
+KEY_COLUMNS = {"image": S.IMAGE_SHA256, "url": S.URL, "caption": S.CAPTION}  # key -> the column it compares
+
+
 @register
 class DedupExact(DedupStage):
     name = "dedup_exact"
@@ -100,13 +103,11 @@ class DedupExact(DedupStage):
 
     def fit_columns(self, schema: pa.Schema) -> list[str]:
         p: DedupExactParams = self.params  # type: ignore[assignment]
-        keys = {"image": S.IMAGE_SHA256, "url": S.URL, "caption": S.CAPTION}
-        return super().fit_columns(schema) + [keys[k] for k in p.key if keys[k] in schema.names]
+        return super().fit_columns(schema) + [KEY_COLUMNS[k] for k in p.key if KEY_COLUMNS[k] in schema.names]
 
     def fit(self, ctx: Any) -> Any:
         p: DedupExactParams = self.params  # type: ignore[assignment]
-        cols = {"image": S.IMAGE_SHA256, "url": S.URL, "caption": S.CAPTION}
-        schema = check_columns(self, ctx, (S.UID, S.SHARD) + tuple(cols[k] for k in p.key), p.keep)
+        schema = check_columns(self, ctx, (S.UID, S.SHARD) + tuple(KEY_COLUMNS[k] for k in p.key), p.keep)
         select = (f"SELECT * FROM (SELECT {S.SHARD}, {S.UID}, {metric_sql(p.keep, schema.names)} AS _m, {key_sql(p.key)} AS _k "
                   f"FROM {{src}} WHERE {S.REJECT_REASON} IS NULL) WHERE _k IS NOT NULL")
         parts = store.n_partitions(ctx.total_rows, p.rows_per_partition)

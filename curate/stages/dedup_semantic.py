@@ -394,11 +394,6 @@ class DedupSemantic(DedupStage):
             shutil.rmtree(work / sub, ignore_errors=True)
             (work / sub).mkdir(parents=True)
         device, gpus = self._device(ctx)
-        total = max(1, ctx.total_rows or 1)
-        k_hint = p.n_clusters or math.ceil(total / p.rows_per_cluster)
-        want = min(p.kmeans_max_sample, k_hint * p.kmeans_sample_per_centroid)
-        train = p.centroids_path is None and p.method != "exact"
-        cut = min(_SAMPLE_MOD, math.ceil(_SAMPLE_MOD * want / total)) if train else 0
         keep = p.keep if p.mode == "keep_one" else "smallest_uid"
         buckets = store.n_buckets(len(ctx.paths))
         info: dict[str, Any] = {"mode": p.mode, "threshold": p.cutoff, "keep": p.keep if p.mode == "keep_one" else
@@ -411,6 +406,11 @@ class DedupSemantic(DedupStage):
             n = res.pop("rows")
             info.update(method="exact", rows_with_embedding=n, **res)
             return self._finish(ctx, work, info, buckets)
+        total = max(1, ctx.total_rows or 1)
+        k_hint = p.n_clusters or math.ceil(total / p.rows_per_cluster)
+        want = min(p.kmeans_max_sample, k_hint * p.kmeans_sample_per_centroid)
+        train = p.centroids_path is None and p.method != "exact"
+        cut = min(_SAMPLE_MOD, math.ceil(_SAMPLE_MOD * want / total)) if train else 0
         groups = store.file_groups(ctx.paths)
         scans = ctx.map(_scan, [(g, p.column, keep, cut, str(work), f"s{i:05d}")
                                              for i, g in enumerate(groups)])
