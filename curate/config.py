@@ -40,6 +40,9 @@ class OutputConfig(_Strict):
     path: str
     overwrite: bool = Field(False, description="delete an existing output made with another config")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    keep_work: bool = Field(True, description="keep the intermediate shards under _work/ after the run, so "
+                            "that a re-run with changed later stages reuses the segments before them "
+                            "(false: delete them; a re-run then redoes everything)")
 
 
 class RunnerConfig(_Strict):
@@ -100,13 +103,22 @@ class Config(_Strict):
     def work_hash(self) -> str:
         """Hash of everything that changes the output (not the runner)."""
         data = json.loads(json.dumps(self.model_dump(mode="json"), sort_keys=True))
-        data["stages"] = [p.model_dump(mode="json") for p in self.stages]
-        for p in data["stages"]:
-            for k in ("num_cpus", "num_gpus", "concurrency"):
-                p.pop(k, None)
+        data["stages"] = [work_params(p) for p in self.stages]
         data.pop("runner", None)
         data["output"].pop("overwrite", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: stage parameters that say where and how fast a stage runs, not what it computes
+RESOURCE_PARAMS = ("num_cpus", "num_gpus", "concurrency")
+
+
+def work_params(params: StageParams) -> dict[str, Any]:
+    """A stage's parameters that change its output (JSON values; resources left out)."""
+    data = params.model_dump(mode="json")
+    for k in RESOURCE_PARAMS:
+        data.pop(k, None)
+    return data
 
 
 def _one_line(e: ValidationError) -> str:

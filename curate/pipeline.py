@@ -14,7 +14,7 @@ import pickle
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 class RunResult:
     output: Path
     stats: dict[str, Any]
+    #: per segment: index, stage ids, and whether its work was reused from a previous run's
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def layout(self) -> Layout:
@@ -63,30 +65,42 @@ def _input_change(layout: Layout, manifest: dict[str, Any]) -> str | None:
     return describe_changes(old, manifest)
 
 
-def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any]) -> bool:
-    """Create the output dir; returns True when resuming a previous run of the same config and input.
+def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Create the output dir; returns the record (``run.json``) of the previous run to build on, or None.
 
-    A resume must read the very input the output was started with (``manifest``, see
-    ``curate.io.manifest``); otherwise it is refused, or with ``output.overwrite`` the
-    output is started over from the current input.
+    Same config and input: the previous run is resumed.  Another config on the same input: an
+    incremental re-run -- the segments whose fingerprint is unchanged are reused (see
+    ``curate.incremental``; decided once the input is ingested).  A resume or re-run must read the
+    very input the output was started with (``manifest``, see ``curate.io.manifest``); otherwise it is
+    refused, or with ``output.overwrite`` the output is started over from the current input (as it is
+    for another config with ``output.overwrite``).
     """
+    from curate.incremental import base_fingerprint
+
     h = config.work_hash()
+    base = base_fingerprint(config, manifest)
     if layout.run_file.exists():
         prev = json.loads(layout.run_file.read_text())
-        if prev.get("work_hash") == h:
-            change = _input_change(layout, manifest)
-            if change is None:
-                log.info("resuming the run in %s", layout.root)
-                return True
-            if not config.output.overwrite:
-                raise InputError(f"output.path {layout.root}: input changed since this output was started: "
-                                 f"{change}; use a new output.path or --set output.overwrite=true to start over "
-                                 "from the current input")
+        change = _input_change(layout, manifest)
+        if change is not None and not config.output.overwrite:
+            raise InputError(f"output.path {layout.root}: input changed since this output was started: "
+                             f"{change}; use a new output.path or --set output.overwrite=true to start over "
+                             "from the current input")
+        if change is None and prev.get("work_hash") == h:
+            log.info("resuming the run in %s", layout.root)
+            return prev
+        if change is not None:
             log.warning("input changed since %s was started (%s); starting over (output.overwrite)",
                         layout.root, change)
-        elif not config.output.overwrite:
-            raise ConfigError(f"output.path {layout.root} holds a run made with another config; "
-                              "choose a new output.path or --set output.overwrite=true")
+        elif config.output.overwrite:
+            log.warning("%s was made with another config; starting over (output.overwrite)", layout.root)
+        elif prev.get("base") == base and layout.ingest.is_dir():
+            log.info("%s was made with another config: re-running the segments that changed", layout.root)
+            (layout.work / "output_schema.arrow").unlink(missing_ok=True)  # rebuilt for the new stages
+            return prev
+        else:
+            log.warning("%s was made with other input settings, another curate version, or its work folder "
+                        "was deleted (output.keep_work: false): every segment is redone", layout.root)
     elif layout.root.exists() and any(not p.name.startswith("_demo") for p in layout.root.iterdir()):
         if not config.output.overwrite:
             raise ConfigError(f"output.path {layout.root} exists and is not a curate output; "
@@ -99,8 +113,35 @@ def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any]) -> 
                 p.unlink()
     layout.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(manifest, layout.input_manifest)  # before run.json: a run.json always has its manifest
-    write_json_atomic({"work_hash": h, "created": time.time()}, layout.run_file)
-    return False
+    write_json_atomic({"work_hash": h, "base": base, "created": time.time()}, layout.run_file)
+    return None
+
+
+def _plan_segments(config: Config, layout: Layout, prev: dict[str, Any] | None, manifest: dict[str, Any],
+                   segments: list[Segment], schema: pa.Schema) -> list[dict[str, Any]]:
+    """Fingerprint the segments, drop the previous run's work from the first changed one on, record them.
+
+    Returns one record per segment, with ``reused``: its work comes from a previous run."""
+    from curate import incremental
+
+    run = json.loads(layout.run_file.read_text())
+    run["base"] = incremental.base_fingerprint(config, manifest)
+    records = incremental.segment_records(config, run["base"], segments, schema)
+    k = len(records)
+    if prev is None:  # a new output
+        k = 0
+    elif prev.get("work_hash") != config.work_hash():  # another config: reuse what did not change
+        old = prev.get("segments") or []
+        k = incremental.first_change(old, records)
+        incremental.invalidate(layout, old, k)
+        for line in incremental.describe(records, k, old):
+            log.info("%s", line)
+    for rec in records:
+        rec["reused"] = prev is not None and rec["index"] < k
+    # the work is consistent with the new records only now: record them last
+    write_json_atomic({**run, "work_hash": config.work_hash(), "segments": [
+        {key: r[key] for key in ("index", "fingerprint", "stages", "final")} for r in records]}, layout.run_file)
+    return records
 
 
 def output_schema(ingest_paths: list[str], stages: list[Stage]) -> pa.Schema:
@@ -156,7 +197,7 @@ def execute(config: Config) -> RunResult:
     check_input(files, config.input)
     stages = build_stages(config)
     manifest = build_manifest(config.input.path, files)
-    resumed = prepare_output(config, layout, manifest)
+    prev = prepare_output(config, layout, manifest)
     write_text_atomic(config.to_yaml(), layout.config)
     run_id = f"{int(t_start)}-{uuid.uuid4().hex[:6]}"
     stage_ids = [INPUT_ID] + [s.id for s in stages]
@@ -168,17 +209,20 @@ def execute(config: Config) -> RunResult:
         if total == 0:
             raise InputError(f"input.path {config.input.path}: the input files hold no rows")
         log.info("%d rows in %d shards from %d file(s)%s", total, len(shards), len(files),
-                 " (resumed)" if resumed else "")
+                 " (resumed)" if prev is not None and prev.get("work_hash") == config.work_hash() else "")
         schema = _load_or_build_schema(layout, shards, stages)
         segments = split_segments(stages)
+        plan = _plan_segments(config, layout, prev, manifest, segments, schema)
         _run_segments(config, runner, layout, segments, shards, schema, stage_ids, run_id)
     n_seg = len(segments)
     stats = build_stats(layout, stage_ids, stages, config, final_segment=n_seg - 1,
                         wall_seconds=time.time() - t_start)
     write_json_atomic(stats, layout.stats)
-    _cleanup(layout, n_seg)
+    if not config.output.keep_work:
+        _cleanup(layout, n_seg)
     _write_report(layout)
-    return RunResult(layout.root, stats)
+    return RunResult(layout.root, stats, [{"index": r["index"], "stages": [st[0] for st in r["stages"]],
+                                           "reused": r["reused"]} for r in plan])
 
 
 def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list[Segment],
@@ -188,14 +232,14 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
     Each segment reads only the rows still live at its start (see ``curate.runners.flow``); a global
     stage's ``fit`` reads the per-shard views the previous segment wrote (segment 0: the ingest shards).
     """
+    from curate.incremental import view_columns
     from curate.runners.flow import live_count, view_path
 
     base = {s.shard: s.path for s in shards}
     for seg in segments:
         final = seg.index == len(segments) - 1
-        next_head = None if final else segments[seg.index + 1].head
         job = SegmentJob(seg, {}, {}, final, layout, schema, stage_ids, config.output.compression,
-                         next_head.fit_columns(schema) if next_head is not None else None)
+                         view_columns(segments, schema, seg.index))
         pending = [sh for sh in base if not job.done_marker(sh).exists()]
         if not pending:
             continue
@@ -218,7 +262,8 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
 
 
 def _cleanup(layout: Layout, n_segments: int) -> None:
-    """The finished run no longer needs the intermediate shards (done markers and states stay)."""
+    """``output.keep_work: false``: drop the intermediate shards (done markers and states stay); a
+    re-run with another config then redoes every segment."""
     shutil.rmtree(layout.ingest, ignore_errors=True)
     for k in range(n_segments + 1):
         shutil.rmtree(layout.segment_out(k), ignore_errors=True)

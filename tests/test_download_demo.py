@@ -75,3 +75,27 @@ def test_stats_json_counts(demo_run_local):
     assert dl["errors"].get("http_404", 0) > 0 and dl["errors"].get("timeout", 0) > 0
     assert stats["run"]["rows_in"] == stages[0]["rows_in"]
     assert (demo_run_local.output / "config.resolved.yaml").exists()
+
+
+def test_download_worker_loads_only_the_img2dataset_parts_it_uses():
+    """A download worker imports img2dataset's resizer and X-Robots-Tag check, not its whole CLI
+    (whose webdataset writer imports torch: seconds and ~700 MB per worker); a later full
+    ``import img2dataset`` in the same process still gets the real package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from curate.stages.download import Download\n"
+        "st = Download(Download.Params(allow_networks=['127.0.0.0/8']))\n"
+        "st.setup()\n"
+        "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))\n"
+        "from img2dataset import download\n"
+        "import img2dataset.resizer\n"
+        "print(callable(download), img2dataset.resizer.Resizer.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    assert lines[0] == "[]"
+    assert lines[1] == "True img2dataset.resizer"

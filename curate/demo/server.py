@@ -36,7 +36,13 @@ class _Server(ThreadingHTTPServer):
         self.routes = routes
         self.slow_seconds = slow_seconds
         self.stop_event = threading.Event()
+        self.hits = 0  # requests answered (GET and HEAD), for tests and benchmarks
+        self._hits_lock = threading.Lock()
         super().__init__(addr, _Handler)
+
+    def count_hit(self) -> None:
+        with self._hits_lock:
+            self.hits += 1
 
     def handle_error(self, request, client_address):  # client went away etc.: not worth a traceback
         log.debug("demo server: error while serving %s", client_address, exc_info=True)
@@ -52,9 +58,11 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("demo server %s: " + format, self.address_string(), *args)
 
     def do_GET(self):
+        self.server.count_hit()
         self._respond(body=True)
 
     def do_HEAD(self):
+        self.server.count_hit()
         self._respond(body=False)
 
     def _resolve(self, path: str) -> Path | None:
@@ -109,6 +117,11 @@ class DemoServer:
         self.slow_seconds = slow_seconds
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def hits(self) -> int:
+        """Requests the server has answered since it started."""
+        return self._httpd.hits if self._httpd is not None else 0
 
     @property
     def base_url(self) -> str:

@@ -2,7 +2,8 @@
 
 A work shard starts as its ingest file (the *base*).  Every row of it has a position
 ``__pos`` there.  Segment ``k`` reads the rows still live at its start and writes a *column
-group* ``_work/seg-k/SHARD/*.parquet``: for exactly those rows, ``__pos``, the columns its
+group* ``_work/seg-k/SHARD~*.parquet`` (flat: a folder per shard and segment would cost a
+directory block, more than a small shard's column group): for exactly those rows, ``__pos``, the columns its
 stages produce and the reject columns.  So
 
 * a row rejected in segment ``k`` leaves the flow there: later segments never read or write
@@ -20,6 +21,7 @@ by their positions, so a retried write replaces its own part and duplicate rows 
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 from typing import Iterable
@@ -43,8 +45,15 @@ def is_heavy(t: pa.DataType) -> bool:
             or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
 
 
-def group_dir(layout: Layout, k: int, shard: str) -> Path:
-    return layout.segment_out(k) / shard
+def group_files(layout: Layout, k: int, shard: str) -> list[Path]:
+    """The part files of segment ``k``'s column group of a shard, in position order."""
+    return sorted(layout.segment_out(k).glob(f"{glob.escape(shard)}~*.parquet"))
+
+
+def remove_group(layout: Layout, k: int, shard: str) -> None:
+    """Drop what an interrupted run wrote of a shard's column group."""
+    for f in group_files(layout, k, shard):
+        f.unlink(missing_ok=True)
 
 
 def view_path(layout: Layout, k: int, shard: str) -> Path:
@@ -65,8 +74,7 @@ def read_base(path: str | Path, heavy_kept: list[str] | None = None) -> pa.Table
 
 def read_group(layout: Layout, k: int, shard: str, heavy_kept: list[str] | None = None) -> pa.Table | None:
     """Segment ``k``'s column group of a shard, sorted by position, duplicate positions collapsed."""
-    d = group_dir(layout, k, shard)
-    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+    files = group_files(layout, k, shard)
     if not files:
         return None
     t = pa.concat_tables([pq.read_table(f, columns=_columns(f, heavy_kept)) for f in files],
@@ -89,7 +97,7 @@ def write_group(layout: Layout, k: int, shard: str, table: pa.Table, produced: I
     t = table.select(group_columns(table, produced)).sort_by(POS)
     pos = t[POS]
     lo, hi = (pc.min(pos).as_py(), pc.max(pos).as_py()) if t.num_rows else (0, -1)
-    path = group_dir(layout, k, shard) / f"{lo:010d}-{hi:010d}-{t.num_rows}.parquet"
+    path = layout.segment_out(k) / f"{shard}~{lo:010d}-{hi:010d}-{t.num_rows}.parquet"
     write_parquet_atomic(t, path, compression)
     return str(path)
 
@@ -168,7 +176,7 @@ class ShardRows:
 def _holders(layout: Layout, k: int, shard: str, column: str) -> list[Path]:
     """Part files of the latest column group before segment ``k`` that made ``column`` (none: not made by one)."""
     for j in range(k - 1, -1, -1):
-        files = sorted(group_dir(layout, j, shard).glob("*.parquet"))
+        files = group_files(layout, j, shard)
         having = [f for f in files if column in pq.read_schema(f).names]
         if having:
             return having

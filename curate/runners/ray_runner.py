@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections import defaultdict
@@ -34,7 +33,7 @@ from curate.config import RunnerConfig
 from curate.layout import Layout
 from curate.runners.base import Runner
 from curate.runners.common import SegmentJob, finish_shard
-from curate.runners.flow import ShardRows, group_dir, write_group
+from curate.runners.flow import ShardRows, remove_group, write_group
 from curate.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -245,7 +244,7 @@ class RayRunner(Runner):
         todo = sorted(s for s in job.inputs if job.expected_rows.get(s, 0) > 0)
         empty = sorted(s for s in job.inputs if job.expected_rows.get(s, 0) == 0)
         for shard in todo:  # parts an interrupted run left for unfinished shards
-            shutil.rmtree(group_dir(job.layout, k, shard), ignore_errors=True)
+            remove_group(job.layout, k, shard)
         finish = ray.remote(num_cpus=0.25)(_finish)
         light = job.light()
         pending: list[Any] = []

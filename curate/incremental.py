@@ -1,0 +1,131 @@
+"""Incremental re-runs: which segments of an existing output a changed config may reuse.
+
+The work of segment ``k`` -- its column groups, the fit views it writes for segment ``k+1``, its
+shards' done markers and the fit state of its head -- is identified by a fingerprint chained over
+
+* the *base*: the curate version, the ``input:`` section and the input manifest (what ingest made);
+* for every segment up to ``k``: its stages and their parameters (resources left out), the columns
+  it writes into the next segment's fit views and, for the last segment, the output settings.
+
+A run on an output made with another config keeps every segment whose fingerprint is unchanged and
+redoes the first changed one and every one after it: change the recaption prompt and only the last
+segment runs again, download included nowhere.  ``_work/run.json`` records the fingerprints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from typing import Any
+
+import pyarrow as pa
+
+from curate import __version__
+from curate.config import Config, work_params
+from curate.layout import Layout
+from curate.runners.common import Segment
+
+log = logging.getLogger(__name__)
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def base_fingerprint(config: Config, manifest: dict[str, Any]) -> str:
+    """What ingest made depends on: the curate version, the input section and the input files."""
+    return _digest({"curate": __version__, "input": config.input.model_dump(mode="json"),
+                    "files": manifest.get("files")})
+
+
+def schema_before(schema: pa.Schema, segments: list[Segment], k: int) -> pa.Schema:
+    """The pipeline ``schema`` less the columns first made after segment ``k`` (what its rows can have)."""
+    made = {f.name for seg in segments[:k + 1] for st in seg.stages for f in st.output_fields()}
+    later = {f.name for seg in segments[k + 1:] for st in seg.stages for f in st.output_fields()} - made
+    return pa.schema([f for f in schema if f.name not in later])
+
+
+def view_columns(segments: list[Segment], schema: pa.Schema, k: int) -> list[str] | None:
+    """Columns segment ``k`` writes into the next segment's fit views (None: it is the last segment)."""
+    if k + 1 >= len(segments) or segments[k + 1].head is None:
+        return None
+    return segments[k + 1].head.fit_columns(schema_before(schema, segments, k))
+
+
+def segment_records(config: Config, base: str, segments: list[Segment], schema: pa.Schema) -> list[dict[str, Any]]:
+    """One record per segment: its stages (id -> parameter digest) and its chained fingerprint."""
+    out: list[dict[str, Any]] = []
+    h = base
+    for seg in segments:
+        final = seg.index == len(segments) - 1
+        stages = [[st.id, st.name, _digest(work_params(st.params))] for st in seg.stages]
+        part = {"stages": stages, "views": view_columns(segments, schema, seg.index),
+                "output": {"compression": config.output.compression} if final else None}
+        h = _digest({"previous": h, "segment": part})
+        out.append({"index": seg.index, "fingerprint": h, "stages": stages, "final": final})
+    return out
+
+
+def first_change(prev: list[dict[str, Any]], new: list[dict[str, Any]]) -> int:
+    """Index of the first segment whose work must be redone (``len(new)``: none)."""
+    for k, rec in enumerate(new):
+        if k >= len(prev) or prev[k].get("fingerprint") != rec["fingerprint"]:
+            return k
+    return len(new)
+
+
+def why_changed(prev: list[dict[str, Any]], new: list[dict[str, Any]], k: int) -> str:
+    """A short reason why segment ``k`` is redone (for the log)."""
+    if k >= len(prev):
+        return "new segment"
+    old = {sid: d for sid, _, d in prev[k]["stages"]}
+    now = {sid: d for sid, _, d in new[k]["stages"]}
+    if list(old) != list(now):
+        added, removed = [s for s in now if s not in old], [s for s in old if s not in now]
+        bits = ([f"added {', '.join(added)}"] if added else []) + ([f"removed {', '.join(removed)}"] if removed else [])
+        return "; ".join(bits) or "stages reordered"
+    changed = [s for s in now if old[s] != now[s]]
+    if changed:
+        return f"parameters of {', '.join(changed)} changed"
+    return "what it hands to the next segment changed"
+
+
+def invalidate(layout: Layout, prev: list[dict[str, Any]], k: int) -> None:
+    """Remove the work of the previous run's segments ``k`` and later, and the output built from it.
+
+    Segment ``k``'s fit view (``view-k``) stays: the unchanged segment ``k-1`` wrote it."""
+    found = {int(d.name.split("-")[1]) for pattern in ("seg-*", "view-*", "parts-*", "done/seg-*")
+             for d in layout.work.glob(pattern) if d.name.split("-")[1].isdigit()}
+    for j in sorted(j for j in found | set(range(k, len(prev))) if j >= k):
+        shutil.rmtree(layout.done(f"seg-{j}"), ignore_errors=True)
+        shutil.rmtree(layout.segment_out(j), ignore_errors=True)
+        shutil.rmtree(layout.parts(j), ignore_errors=True)
+        if j > k:
+            shutil.rmtree(layout.work / f"view-{j}", ignore_errors=True)
+        if layout.timing.is_dir():
+            for f in layout.timing.glob(f"seg{j}-*.json"):
+                f.unlink(missing_ok=True)
+    for rec in prev[k:]:  # states of the redone global stages (a stage moved after k is in prev[k:] too)
+        for sid, _, _ in rec["stages"]:
+            shutil.rmtree(layout.state(sid), ignore_errors=True)
+            (layout.timing / f"fit-{sid}.json").unlink(missing_ok=True)
+    for p in (layout.data, layout.rejected):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in (layout.stats, layout.report):
+        p.unlink(missing_ok=True)
+
+
+def describe(records: list[dict[str, Any]], k: int, prev: list[dict[str, Any]]) -> list[str]:
+    """Log lines: which segments are reused and which are redone (and why the first one is)."""
+    lines = []
+    for rec in records:
+        names = " → ".join(s[0] for s in rec["stages"]) or "write"
+        if rec["index"] < k:
+            lines.append(f"segment {rec['index']} ({names}): reused from the previous run")
+        elif rec["index"] == k:
+            lines.append(f"segment {rec['index']} ({names}): redone -- {why_changed(prev, records, k)}")
+        else:
+            lines.append(f"segment {rec['index']} ({names}): redone (after a changed segment)")
+    return lines
