@@ -25,7 +25,9 @@ class _Strict(BaseModel):
 
 class InputConfig(_Strict):
     path: str = Field(description="file, directory or glob of parquet/csv/jsonl (optionally .gz)")
-    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = "auto"
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "webdataset", "img2dataset"] = Field(
+        "auto", description="auto: from the file names (parquet, csv, tsv, jsonl); webdataset: tars of "
+        "image + txt + json samples; img2dataset: a folder img2dataset wrote (parquet or webdataset)")
     url_col: str = "url"
     caption_col: str = "caption"
     uid_col: str | None = Field(None, description="column holding a unique id; else uid = hash(url, caption)")
@@ -34,6 +36,16 @@ class InputConfig(_Strict):
     max_url_chars: int = Field(8_192, ge=1, description="longer urls are rejected (url_too_long)")
     max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024,
                                 description="longest JSONL/CSV line (and CSV field); longer ones are malformed_row")
+    image_col: str | None = Field(None, description="Parquet column of encoded image bytes: the rows already "
+                                  "have their images, the pipeline starts after the download stage")
+    max_image_bytes: int = Field(32 << 20, ge=1, description="larger input images are rejected (image_too_large)")
+    max_image_pixels: int = Field(89_478_485, ge=1, description="input images whose header claims more pixels "
+                                  "are rejected (image_too_large), before any decoding")
+
+    @property
+    def provides_images(self) -> bool:
+        """The input rows carry their images (no download stage runs)."""
+        return self.image_col is not None or self.format in ("webdataset", "img2dataset")
 
 
 class OutputConfig(_Strict):

@@ -37,10 +37,14 @@ class ShardInfo:
 
 def check_input(files: list[Path], cfg: InputConfig) -> dict[str, list[str]]:
     """Fail early, naming the file and column, when an input file lacks a needed column."""
-    needed = [cfg.url_col, cfg.caption_col] + ([cfg.uid_col] if cfg.uid_col else [])
+    needed = ([] if cfg.provides_images else [cfg.url_col]) + [cfg.caption_col] + \
+        ([cfg.uid_col] if cfg.uid_col else []) + ([cfg.image_col] if cfg.image_col else [])
     found = {}
     for f in files:
         fmt = format_of(f, cfg.format)
+        if fmt == "webdataset":  # a tar has no header: its samples are checked row by row
+            found[str(f)] = []
+            continue
         cols = input_columns(f, fmt, cfg.max_line_bytes)
         if not cols:
             log.warning("%s: empty input file (no rows)", f)
@@ -49,7 +53,7 @@ def check_input(files: list[Path], cfg: InputConfig) -> dict[str, list[str]]:
         for c in needed:
             if c not in cols:
                 raise InputError(f"{f}: column {c!r} not found (columns: {', '.join(cols[:20])}); "
-                                 f"set input.url_col / input.caption_col / input.uid_col")
+                                 f"set input.url_col / input.caption_col / input.uid_col / input.image_col")
         found[str(f)] = cols
     return found
 
@@ -88,13 +92,22 @@ def _url_problem(url: str) -> tuple[str, str] | None:
 
 def normalize(raw: RawBatch, cfg: InputConfig, path: Path) -> pa.Table:
     """Turn a raw batch into rows with the base columns, carried columns and reject columns."""
+    from curate.io import images
+
     t = raw.table
     n = t.num_rows
+    if cfg.provides_images and cfg.url_col not in t.column_names:  # the url is only metadata then
+        t = t.append_column(cfg.url_col, pa.nulls(n, pa.string()))
+    if cfg.provides_images and cfg.caption_col not in t.column_names:
+        t = t.append_column(cfg.caption_col, pa.nulls(n, pa.string()))
     urls = _as_string(t, cfg.url_col, path) if n else pa.array([], pa.string())
     caps = _as_string(t, cfg.caption_col, path) if n else pa.array([], pa.string())
     url_list, cap_list = urls.to_pylist(), caps.to_pylist()
     if cfg.uid_col:
         uids = pc.cast(t[cfg.uid_col], pa.string()).to_pylist() if n else []
+    elif cfg.provides_images and images.KEY in t.column_names:  # no url: the sample key names the row
+        keys = pc.cast(t[images.KEY], pa.string()).to_pylist()
+        uids = [stable_uid(u if u is not None else f"{path.name}/{k}", c) for u, k, c in zip(url_list, keys, cap_list)]
     else:
         uids = [stable_uid(u, c) for u, c in zip(url_list, cap_list)]
     cols: dict[str, pa.Array] = {
@@ -104,9 +117,13 @@ def normalize(raw: RawBatch, cfg: InputConfig, path: Path) -> pa.Table:
         S.SOURCE_FILE: pa.array([str(path)] * n, pa.string()),
         S.SOURCE_ROW: t[ROW] if n else pa.array([], pa.int64()),
     }
-    special = {cfg.url_col, cfg.caption_col, cfg.uid_col, ROW, BAD_ENCODING}
+    special = {cfg.url_col, cfg.caption_col, cfg.uid_col, ROW, BAD_ENCODING, images.IMAGE, images.TOO_LARGE,
+               cfg.image_col}
     for name in t.column_names:
         if name in special or name.startswith("__bad_type_"):
+            continue
+        if cfg.provides_images and name in images.IMAGE_COLUMNS:  # img2dataset's columns, in curate's names
+            cols[name] = pc.cast(t[name], S.field(name).type)
             continue
         out = name if (name not in S.COLUMNS and not name.startswith("_")) else f"input_{name.lstrip('_')}"
         if out != name:
@@ -116,9 +133,59 @@ def normalize(raw: RawBatch, cfg: InputConfig, path: Path) -> pa.Table:
         cols[c] = pa.nulls(n, pa.string())
     table = pa.table(cols)
     table = _validate(table, t, cfg, url_list, cap_list, uids, path)
+    if cfg.provides_images:
+        table = _with_images(table, t, cfg, path)
     if raw.malformed:
         table = pa.concat_tables([table, _malformed_rows(raw.malformed, path, table.schema)])
     return table
+
+
+def _with_images(table: pa.Table, raw: pa.Table, cfg: InputConfig, path: Path) -> pa.Table:
+    """The image columns of an input that has its images; rows without a usable image rejected."""
+    from curate.io import images
+
+    n = table.num_rows
+    col = cfg.image_col or images.IMAGE
+    blobs = pc.cast(raw[col], pa.binary()).to_pylist() if col in raw.column_names else [None] * n
+    too_large = _flags(raw, images.TOO_LARGE, n)
+    for i, b in enumerate(blobs):
+        if b is not None and len(b) > cfg.max_image_bytes:
+            blobs[i], too_large[i] = None, len(b)
+    info = images.describe_images(blobs, cfg.max_image_pixels)
+    given = {c: table[c].to_pylist() for c in images.IMAGE_COLUMNS if c in table.column_names}
+    status = given.get(S.DOWNLOAD_STATUS, [None] * n)
+    error = given.get(S.DOWNLOAD_ERROR, [None] * n)
+    reasons, details = [], []
+    for i, (sha, w, h, reason, detail) in enumerate(info):
+        if status[i] not in (None, "success"):  # img2dataset could not download it
+            reason, detail = "download_failed", error[i] or status[i]
+        elif too_large[i]:
+            reason, detail = "image_too_large", f"{too_large[i]} bytes, more than input.max_image_bytes={cfg.max_image_bytes}"
+        reasons.append(reason)
+        details.append(detail)
+    computed = {
+        S.IMAGE: blobs,
+        S.IMAGE_SHA256: [x[0] for x in info],
+        S.WIDTH: [x[1] for x in info],
+        S.HEIGHT: [x[2] for x in info],
+        S.ORIGINAL_WIDTH: [x[1] for x in info],
+        S.ORIGINAL_HEIGHT: [x[2] for x in info],
+        S.DOWNLOAD_STATUS: ["success" if b is not None else s for b, s in zip(blobs, status)],
+    }
+    for c, values in computed.items():
+        if c in given and c != S.IMAGE:  # what img2dataset recorded wins where it has a value
+            values = [g if g is not None else v for g, v in zip(given[c], values)]
+        arr = pa.array(values, S.field(c).type)
+        i = table.schema.get_field_index(c)
+        table = table.set_column(i, S.field(c), arr) if i >= 0 else table.append_column(S.field(c), arr)
+    live = pc.is_null(table[S.REJECT_REASON]).to_pylist()
+    mask = [lv and r is not None for lv, r in zip(live, reasons)]
+    if not any(mask):
+        return table
+    errors = ["img2dataset" if r == "download_failed" else ("decode_error" if r == "decode_failed" else None)
+              for r in reasons]
+    return mark_rejected(table, mask, pa.array(reasons, pa.string()), STAGE_ID, pa.array(details, pa.string()),
+                         pa.array(errors, pa.string()))
 
 
 def _flags(raw: pa.Table, col: str, n: int) -> list:
@@ -146,11 +213,11 @@ def _validate(table: pa.Table, raw: pa.Table, cfg: InputConfig, urls: list, caps
             reasons[i] = "caption_too_long"
             details[i] = (f"caption has {len(c)} characters, more than input.max_caption_chars="
                           f"{cfg.max_caption_chars} (stored truncated to {cfg.max_caption_chars})")
-        elif bad_url[i]:
+        elif bad_url[i] and not cfg.provides_images:
             reasons[i], details[i] = "invalid_url", f"{cfg.url_col} is not a string"
-        elif u is None:
+        elif u is None and not cfg.provides_images:
             reasons[i], details[i] = "missing_url", f"{cfg.url_col} is null"
-        elif (p := _url_problem(u)) is not None:
+        elif not cfg.provides_images and (p := _url_problem(u)) is not None:
             reasons[i], details[i] = p
         elif bad_cap[i]:
             reasons[i], details[i] = "invalid_caption", f"{cfg.caption_col} is not a string"
@@ -208,7 +275,8 @@ def ingest_file(file_index: int, path: Path, cfg: InputConfig, out_dir: Path, co
         write_parquet_atomic(table, dest, compression)
         shards.append(ShardInfo(shard, table.num_rows, str(dest)))
 
-    for raw in iter_raw(path, cfg.format, min(cfg.shard_size, 65536), string_cols, cfg.max_line_bytes):
+    for raw in iter_raw(path, cfg.format, min(cfg.shard_size, 65536), string_cols, cfg.max_line_bytes,
+                        cfg.max_image_bytes):
         table = normalize(raw, cfg, path)
         while table.num_rows:
             take = min(cfg.shard_size - pending_rows, table.num_rows)

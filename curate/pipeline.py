@@ -54,7 +54,11 @@ class RunResult:
 def build_stages(config: Config) -> list[Stage]:
     from curate.stages.unique_uid import UniqueUid
 
-    return [UniqueUid({"id": "unique_uid"})] + [registry.create(p.model_dump()) for p in config.stages]
+    params = config.stages
+    if config.input.provides_images and any(p.stage == "download" for p in params):
+        log.info("the input rows hold their images: the download stage is skipped")
+        params = [p for p in params if p.stage != "download"]
+    return [UniqueUid({"id": "unique_uid"})] + [registry.create(p.model_dump()) for p in params]
 
 
 def _input_change(layout: Layout, manifest: dict[str, Any]) -> str | None:

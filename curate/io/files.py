@@ -43,9 +43,14 @@ def format_of(path: Path, declared: str = "auto") -> str:
     raise InputError(f"{path}: cannot tell the format from the name; set input.format")
 
 
-def _is_input_name(p: Path) -> bool:
+#: file names of the formats that auto-detection never picks
+DECLARED_SUFFIXES = {"webdataset": (".tar",), "img2dataset": (".parquet",)}
+
+
+def _is_input_name(p: Path, declared: str = "auto") -> bool:
     name = p.name.lower().removesuffix(".gz")
-    return p.is_file() and not p.name.startswith((".", "_")) and any(name.endswith(s) for s in SUFFIXES)
+    suffixes = DECLARED_SUFFIXES.get(declared, tuple(SUFFIXES))
+    return p.is_file() and not p.name.startswith((".", "_")) and any(name.endswith(s) for s in suffixes)
 
 
 def list_input_files(spec: str, declared: str = "auto") -> list[Path]:
@@ -54,12 +59,12 @@ def list_input_files(spec: str, declared: str = "auto") -> list[Path]:
     if p.is_file():
         files = [p]
     elif p.is_dir():  # hidden and _private folders (e.g. a curate output's _work) are skipped
-        files = sorted(f for f in p.rglob("*") if _is_input_name(f)
+        files = sorted(f for f in p.rglob("*") if _is_input_name(f, declared)
                        and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
     else:
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
-    if declared == "auto":
-        files = [f for f in files if _is_input_name(f) or f == p]
+    if declared in ("auto", *DECLARED_SUFFIXES):
+        files = [f for f in files if _is_input_name(f, declared) or f == p]
     if not files:
         raise InputError(f"input.path: no parquet/csv/jsonl files at {spec}")
     return [f.resolve() for f in files]

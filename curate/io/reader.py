@@ -62,6 +62,12 @@ def bad_type_column(col: str) -> str:
 def input_columns(path: Path, fmt: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[str]:
     """Column names of an input file, read cheaply (footer, header record, first JSON lines)."""
     try:
+        if fmt == "webdataset":
+            return []  # samples have no fixed columns (checked row by row)
+        if fmt == "img2dataset":
+            from curate.io.images import I2D_COLUMNS, IMAGE
+
+            return [I2D_COLUMNS.get(c, c) for c in pq.read_schema(path).names] + [IMAGE]
         if fmt == "parquet":
             return pq.read_schema(path).names
         if fmt in ("csv", "tsv"):
@@ -85,17 +91,36 @@ def input_columns(path: Path, fmt: str, max_line_bytes: int = DEFAULT_MAX_LINE_B
 
 
 def iter_raw(path: Path, fmt: str, batch_rows: int, string_cols: list[str],
-             max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[RawBatch]:
+             max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, max_image_bytes: int = 32 << 20) -> Iterator[RawBatch]:
+    import tarfile
+
+    from curate.io import images
+
     fmt = format_of(path, fmt)
     try:
         if fmt == "parquet":
             yield from _iter_parquet(path, batch_rows)
+        elif fmt == "webdataset":
+            yield from _numbered(images.iter_webdataset(path, batch_rows, max_image_bytes))
+        elif fmt == "img2dataset":
+            yield from _numbered(images.iter_img2dataset(path, batch_rows, max_image_bytes))
         elif fmt in ("csv", "tsv"):
             yield from _iter_csv(path, fmt, batch_rows, max_line_bytes)
         else:
             yield from _iter_jsonl(path, batch_rows, string_cols, max_line_bytes)
-    except (OSError, EOFError, zlib.error, pa.ArrowException) as e:
+    except (OSError, EOFError, zlib.error, pa.ArrowException, tarfile.TarError) as e:
         raise InputError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
+def _numbered(tables: Iterator[pa.Table]) -> Iterator[RawBatch]:
+    """Raw batches from tables of rows: ``source_row`` numbers them, strings are checked for UTF-8."""
+    start = 0
+    for t in tables:
+        t, flags = check_utf8(t)
+        t = t.append_column(BAD_ENCODING, pa.array(flags, pa.string()))
+        t = t.append_column(ROW, pa.array(range(start, start + t.num_rows), pa.int64()))
+        start += t.num_rows
+        yield RawBatch(t)
 
 
 # -- parquet -------------------------------------------------------------------------------
