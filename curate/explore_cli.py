@@ -51,6 +51,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "digits)")
     s.set_defaults(func=cmd_export)
 
+    s = sub.add_parser("refilter", help="tighten a finished output with an SQL condition, as a new output "
+                                        "(no model runs again)",
+                       description="Write DEST, a complete curate output holding the kept rows of OUTPUT_DIR "
+                                   "that satisfy --where; the others join DEST's rejected/ with reason "
+                                   "--reason. Example: curate refilter out strict --where \"clip_score >= 0.3 AND "
+                                   "caption_perplexity <= 2000\"")
+    s.add_argument("output", help="a curate output directory (the source; never modified)")
+    s.add_argument("dest", help="the new output directory")
+    s.add_argument("--where", required=True, help="SQL condition on the kept rows' columns (rows kept when true)")
+    s.add_argument("--reason", default="refiltered", help="reject_reason of the rows it removes")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty DEST")
+    s.set_defaults(func=cmd_refilter)
+
 
 # -- query ---------------------------------------------------------------------------------------
 def cmd_query(args: argparse.Namespace) -> int:
@@ -146,6 +159,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     opts = {k: v for k, v in (("samples", args.samples), ("per_reason", args.per_reason)) if v is not None}
     path = write_report(args.output, path=args.out, **opts)
     sys.stdout.write(f"report: {path}\n")
+    return 0
+
+
+def cmd_refilter(args: argparse.Namespace) -> int:
+    from curate.subset import refilter
+
+    res = refilter(args.output, args.dest, args.where, reason=args.reason, overwrite=args.overwrite)
+    sys.stdout.write(f"{res['kept_after']} of {res['kept_before']} kept rows satisfy the condition -> {res['dest']}\n")
     return 0
 
 

@@ -69,6 +69,10 @@ def refilter(output_dir: str | Path, dest: str | Path, where: str, reason: str =
     if dst.root.exists() and any(dst.root.iterdir()):
         if not overwrite:
             raise InputError(f"refilter: {dst.root} is not empty; pass overwrite=True")
+        first = next(iter(parquet_files(src.data)), None)
+        if first is not None:  # a bad condition must fail before the old destination is deleted
+            with duckdb.connect() as con:
+                _mask(con, first, where, pq.read_metadata(first).num_rows)
         shutil.rmtree(dst.root)
     t0 = time.perf_counter()
     detail = f"refilter: not ({where})"

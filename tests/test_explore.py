@@ -199,3 +199,19 @@ def test_refilter_writes_a_complete_output(tmp_path):
         refilter(src, tmp_path / "bad", "no_such_column > 1")
     with pytest.raises(InputError, match="not empty"):
         refilter(src, tmp_path / "dst", "TRUE")
+
+
+def test_refilter_command(tmp_path, capsys):
+    src = make_output(tmp_path / "src")
+    dst = tmp_path / "strict"
+    assert main(["refilter", str(src), str(dst), "--where", "clip_score >= 0.35", "--reason", "strict_clip"]) == 0
+    expect = _one(connect(src), "SELECT count(*) FROM kept WHERE clip_score >= 0.35")
+    assert f"{expect} of 12 kept rows satisfy the condition" in capsys.readouterr().out
+    con = connect(dst)
+    assert _one(con, "SELECT count(*) FROM kept") == expect
+    assert _one(con, "SELECT count(*) FROM rejected WHERE reject_reason = 'strict_clip'") == 12 - expect
+    assert main(["refilter", str(src), str(dst), "--where", "TRUE"]) == 2  # not empty, no --overwrite
+    assert "not empty" in capsys.readouterr().err
+    assert main(["refilter", str(src), str(dst), "--where", "no_such_column > 1", "--overwrite"]) == 2
+    assert capsys.readouterr().err.startswith("curate: error: refilter:")
+    assert _one(connect(dst), "SELECT count(*) FROM kept") == expect  # a bad condition deleted nothing
