@@ -57,6 +57,15 @@ class OutputConfig(_Strict):
                             "(false: delete them; a re-run then redoes everything)")
 
 
+class StorageConfig(_Strict):
+    """How to reach object storage for ``s3://`` / ``gs://`` paths (credentials: the usual environment)."""
+
+    endpoint_url: str | None = Field(None, description="S3 API endpoint (MinIO, Ceph, a local test server...)")
+    region: str | None = Field(None, description="S3 region")
+    anonymous: bool = Field(False, description="unsigned requests (public buckets)")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra fsspec storage options")
+
+
 class RunnerConfig(_Strict):
     kind: Literal["local", "ray"] = "local"
     address: str | None = Field(None, description="existing Ray cluster ('auto' or ray://...); none: start one")
@@ -76,6 +85,7 @@ class Config(_Strict):
     input: InputConfig
     output: OutputConfig
     runner: RunnerConfig = RunnerConfig()
+    storage: StorageConfig = StorageConfig()
     stages: list[StageParams] = Field(default_factory=list)
 
     @field_validator("stages", mode="before")
@@ -117,6 +127,7 @@ class Config(_Strict):
         data = json.loads(json.dumps(self.model_dump(mode="json"), sort_keys=True))
         data["stages"] = [work_params(p) for p in self.stages]
         data.pop("runner", None)
+        data.pop("storage", None)  # how files are reached, not what they hold (the manifest says that)
         data["output"].pop("overwrite", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -194,8 +194,8 @@ def execute(config: Config) -> RunResult:
     t_start = time.time()
     layout = Layout(Path(config.output.path).expanduser().resolve())
     own = (layout.data, layout.rejected, layout.work)  # never read our own output as input
-    files = [f for f in list_input_files(config.input.path, config.input.format)
-             if not any(f.is_relative_to(d) for d in own)]
+    files = [f for f in list_input_files(config.input.path, config.input.format, config.storage)
+             if not (isinstance(f, Path) and any(f.is_relative_to(d) for d in own))]
     if not files:
         raise InputError(f"input.path {config.input.path}: no input files outside output.path")
     check_input(files, config.input)
@@ -207,7 +207,7 @@ def execute(config: Config) -> RunResult:
     stage_ids = [INPUT_ID] + [s.id for s in stages]
     with make_runner(config) as runner:
         t0 = time.perf_counter()
-        shards = runner.ingest(manifest["files"], config.input, layout, config.output.compression)
+        shards = runner.ingest(manifest["files"], config.input, layout, config.output.compression, config.storage)
         write_json_atomic({INPUT_ID: time.perf_counter() - t0}, layout.timing / f"ingest-{run_id}.json")
         total = sum(s.rows for s in shards)
         if total == 0:

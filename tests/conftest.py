@@ -16,6 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("CURATE_RAY_PROGRESS", "0")
+# object storage in tests is a moto S3 server on 127.0.0.1 (tests/test_s3.py): explicit dummy credentials, and
+# no SDK may probe a cloud metadata address for others (set before any Ray worker inherits the environment)
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "curate-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "curate-test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 REPO = Path(__file__).resolve().parents[1]
 

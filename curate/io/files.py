@@ -53,8 +53,24 @@ def _is_input_name(p: Path, declared: str = "auto") -> bool:
     return p.is_file() and not p.name.startswith((".", "_")) and any(name.endswith(s) for s in suffixes)
 
 
-def list_input_files(spec: str, declared: str = "auto") -> list[Path]:
-    """A file, a directory (searched recursively) or a glob, sorted; never empty."""
+def _input_name_ok(name: str, declared: str = "auto") -> bool:
+    low = name.lower().removesuffix(".gz")
+    return not name.startswith((".", "_")) and any(low.endswith(s) for s in DECLARED_SUFFIXES.get(declared, tuple(SUFFIXES)))
+
+
+def list_input_files(spec: str, declared: str = "auto", storage: Any = None) -> list[Any]:
+    """A file, a directory (searched recursively) or a glob, sorted; never empty.  A URI (``s3://...``)
+    lists objects (``curate.io.remote``): a key, every key under a prefix, or a glob's matches."""
+    from curate.io import remote
+
+    if remote.is_uri(spec):
+        try:
+            files = remote.list_files(spec, storage, lambda f: _input_name_ok(f.name, declared))
+        except (OSError, ValueError) as e:
+            raise InputError(f"input.path: cannot list {spec}: {' '.join(str(e).split()) or type(e).__name__}") from None
+        if not files:
+            raise InputError(f"input.path: no parquet/csv/jsonl files at {spec}")
+        return files
     p = Path(spec).expanduser()
     if p.is_file():
         files = [p]

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate import schema as S
 
@@ -55,7 +54,10 @@ def _split(name: str) -> tuple[str, str]:
 def iter_tar_samples(path: Path, max_member_bytes: int) -> Iterator[dict[str, Any]]:
     """Samples of a webdataset tar, in order: ``{"key", IMAGE, "txt", "json", TOO_LARGE}``."""
     cur: dict[str, Any] | None = None
-    with tarfile.open(path, mode="r|*") as tar:
+    from curate.io.remote import is_remote
+
+    raw = path.open("rb") if is_remote(path) else None
+    with raw if raw is not None else _null(), tarfile.open(path if raw is None else None, mode="r|*", fileobj=raw) as tar:
         for m in tar:
             if not m.isfile():
                 continue
@@ -77,6 +79,14 @@ def iter_tar_samples(path: Path, max_member_bytes: int) -> Iterator[dict[str, An
                     cur[ext] = data
     if cur is not None:
         yield cur
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 def _json_fields(raw: bytes | None) -> dict[str, Any]:
@@ -134,7 +144,9 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def iter_img2dataset(path: Path, batch_rows: int, max_member_bytes: int) -> Iterator[pa.Table]:
     """An img2dataset shard: its parquet rows, each with its image (parquet column or sibling tar)."""
-    pf = pq.ParquetFile(path)
+    from curate.io.reader import _parquet
+
+    pf = _parquet(path)
     names = pf.schema_arrow.names
     image_col = next((c for c in IMAGE_EXTENSIONS if c in names), None)
     tar_path = path.with_suffix(".tar")

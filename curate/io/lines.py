@@ -23,6 +23,10 @@ class LineTooLong(Exception):
 
 def open_binary(path: Path) -> BinaryIO:
     """The file's bytes, gunzipped when its name ends in ``.gz``."""
+    from curate.io import remote
+
+    if remote.is_remote(path):
+        return remote.open_binary(path)
     if path.name.lower().endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")

@@ -31,8 +31,16 @@ MAX_NAMED = 5
 Entry = dict[str, Any]
 
 
-def file_entry(path: Path) -> Entry:
-    """The manifest entry of a local file: resolved path, size and mtime in nanoseconds."""
+def file_entry(path: Any) -> Entry:
+    """The manifest entry of a file: local: resolved path, size and mtime in nanoseconds; on object
+    storage: URI, size and ETag (``curate.io.remote``)."""
+    from curate.io import remote
+
+    if remote.is_remote(path):
+        try:
+            return remote.file_entry(path)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: cannot read: {' '.join(str(e).split()) or type(e).__name__}") from None
     try:
         st = path.stat()
     except OSError as e:
@@ -40,7 +48,7 @@ def file_entry(path: Path) -> Entry:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def build_manifest(input_path: str, files: list[Path]) -> dict[str, Any]:
+def build_manifest(input_path: str, files: list[Any]) -> dict[str, Any]:
     return {"version": VERSION, "input_path": input_path, "files": [file_entry(f) for f in files]}
 
 

@@ -67,9 +67,9 @@ def input_columns(path: Path, fmt: str, max_line_bytes: int = DEFAULT_MAX_LINE_B
         if fmt == "img2dataset":
             from curate.io.images import I2D_COLUMNS, IMAGE
 
-            return [I2D_COLUMNS.get(c, c) for c in pq.read_schema(path).names] + [IMAGE]
+            return [I2D_COLUMNS.get(c, c) for c in _parquet(path).schema_arrow.names] + [IMAGE]
         if fmt == "parquet":
-            return pq.read_schema(path).names
+            return _parquet(path).schema_arrow.names
         if fmt in ("csv", "tsv"):
             with open_binary(path) as f:
                 return _csv_header(path, _csv_reader(TextLines(Lines(f, max_line_bytes)), fmt, max_line_bytes))
@@ -125,8 +125,16 @@ def _numbered(tables: Iterator[pa.Table]) -> Iterator[RawBatch]:
 
 # -- parquet -------------------------------------------------------------------------------
 
+def _parquet(path: Any) -> pq.ParquetFile:
+    """A local or remote (``curate.io.remote``) Parquet file."""
+    from curate.io.remote import parquet_source
+
+    src = parquet_source(path)
+    return pq.ParquetFile(src["source"], filesystem=src.get("filesystem"))
+
+
 def _iter_parquet(path: Path, batch_rows: int) -> Iterator[RawBatch]:
-    pf = pq.ParquetFile(path)
+    pf = _parquet(path)
     start = 0
     for rb in pf.iter_batches(batch_size=batch_rows):
         t, flags = check_utf8(pa.Table.from_batches([rb]))

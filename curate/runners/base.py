@@ -11,27 +11,29 @@ from curate.config import InputConfig
 from curate.ingest import ShardInfo, ingest_file
 from curate.io.files import InputError, write_json_atomic
 from curate.io.manifest import Entry, entry_change, file_entry, file_key
+from curate.io.remote import input_path
 from curate.layout import Layout
 from curate.runners.common import SegmentJob
 
 log = logging.getLogger(__name__)
 
 
-def _check_unchanged(entry: Entry, when: str) -> None:
-    now = file_entry(Path(entry["path"]))
+def _check_unchanged(entry: Entry, when: str, storage: Any = None) -> None:
+    now = file_entry(input_path(entry["path"], storage))
     if now != entry:
         raise InputError(f"{entry['path']} changed {when} ({entry_change(entry, now)}); "
                          "leave the input alone while a run reads it")
 
 
-def ingest_task(args: tuple[int, Entry, InputConfig, str, str]) -> list[dict]:
+def ingest_task(args: tuple) -> list[dict]:
     """Ingest one input file unless a previous run already did.
 
     The done marker is named by the file's key (resolved path, size, mtime), not by its
     position, and holds the entry and index it was made for: a marker is reused only for
     the very same file at the same index (its shard ids ``FFFFF-CCCCC`` use the index).
     """
-    index, entry, cfg, root, compression = args
+    index, entry, cfg, root, compression, *rest = args  # rest: the storage config (object-storage inputs)
+    storage = rest[0] if rest else None
     layout = Layout(Path(root))
     marker = layout.done("ingest") / f"{file_key(entry)}.json"
     if marker.exists():
@@ -40,10 +42,10 @@ def ingest_task(args: tuple[int, Entry, InputConfig, str, str]) -> list[dict]:
             return done["shards"]
         log.warning("%s: ingest marker %s was made for another file or index; ingesting again",
                     entry["path"], marker.name)
-    _check_unchanged(entry, "since the run started")
-    path = Path(entry["path"])
+    _check_unchanged(entry, "since the run started", storage)
+    path = input_path(entry["path"], storage)
     shards = [s.__dict__ for s in ingest_file(index, path, cfg, layout.ingest, compression)]
-    _check_unchanged(entry, "while it was read")
+    _check_unchanged(entry, "while it was read", storage)
     write_json_atomic({"file": entry, "index": index, "shards": shards}, marker)
     return shards
 
@@ -61,9 +63,10 @@ class Runner:
     def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
         return [fn(x) for x in items]
 
-    def ingest(self, files: list[Entry], cfg: InputConfig, layout: Layout, compression: str) -> list[ShardInfo]:
+    def ingest(self, files: list[Entry], cfg: InputConfig, layout: Layout, compression: str,
+               storage: Any = None) -> list[ShardInfo]:
         """Ingest the input manifest's files (in its order: a file's index is its shard id prefix)."""
-        jobs = [(i, f, cfg, str(layout.root), compression) for i, f in enumerate(files)]
+        jobs = [(i, f, cfg, str(layout.root), compression, storage) for i, f in enumerate(files)]
         out: list[ShardInfo] = []
         for shards in self.map(ingest_task, jobs):
             out.extend(ShardInfo(**s) for s in shards)

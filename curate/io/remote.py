@@ -1,0 +1,122 @@
+"""Input files on object storage (``s3://``, ``gs://``, any filesystem fsspec knows).
+
+An input path that is a URI becomes a ``UPath`` (universal_pathlib: pathlib's interface over fsspec),
+so the readers treat local and remote files alike (``name``, ``open``, ``stat``).  Credentials come
+from the usual environment (``AWS_ACCESS_KEY_ID``..., instance roles) and from the optional
+``storage:`` config section (endpoint, region, anonymous access, extra fsspec options).
+
+A remote file's manifest entry holds its URI, size and ETag (S3, GCS) -- or modification time where
+the store has no ETag -- so a resume refuses a changed object just as it refuses a changed local file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+from pathlib import Path
+from typing import Any, BinaryIO
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_GLOB = re.compile(r"[*?\[]")
+
+
+def is_uri(spec: str | Path) -> bool:
+    """A URI of a non-local filesystem (``file://`` counts as local)."""
+    s = str(spec)
+    return bool(_URI.match(s)) and not s.startswith("file://")
+
+
+def is_remote(path: Any) -> bool:
+    return not isinstance(path, Path) or is_uri(str(path))
+
+
+def storage_options(storage: Any, uri: str) -> dict[str, Any]:
+    """fsspec options for ``uri`` from the ``storage:`` config section (None: the environment only)."""
+    if storage is None:
+        return {}
+    opts: dict[str, Any] = dict(storage.options or {})
+    protocol = uri.split("://", 1)[0].lower()
+    if protocol in ("s3", "s3a"):
+        if storage.endpoint_url:
+            opts.setdefault("endpoint_url", storage.endpoint_url)
+        if storage.region:
+            opts.setdefault("client_kwargs", {}).setdefault("region_name", storage.region)
+        if storage.anonymous:
+            opts.setdefault("anon", True)
+    elif protocol in ("gs", "gcs"):
+        if storage.endpoint_url:
+            opts.setdefault("endpoint_url", storage.endpoint_url)
+        if storage.anonymous:
+            opts.setdefault("token", "anon")
+    return opts
+
+
+def upath(uri: str, storage: Any = None):
+    from upath import UPath
+
+    return UPath(uri, **storage_options(storage, uri))
+
+
+def input_path(spec: str, storage: Any = None) -> Any:
+    """A local ``Path`` or, for a URI, a ``UPath``."""
+    return upath(spec, storage) if is_uri(spec) else Path(spec)
+
+
+def list_files(spec: str, storage: Any, keep) -> list[Any]:
+    """Files at a URI: the object itself, every object under a prefix (recursively), or a glob's matches;
+    ``keep(path)`` filters them by name.  Sorted by URI."""
+    m = _GLOB.search(spec)
+    if m:
+        base_end = spec.rfind("/", 0, m.start())
+        base, pattern = spec[:base_end], spec[base_end + 1:]
+        found = list(upath(base, storage).glob(pattern))
+    else:
+        p = upath(spec, storage)
+        if p.is_file():
+            return [p]
+        found = [f for f in p.rglob("*") if not any(part.startswith((".", "_")) for part in
+                                                    str(f)[len(str(p).rstrip("/")) + 1:].split("/")[:-1])]
+    return sorted((f for f in found if keep(f)), key=str)
+
+
+def file_entry(path: Any) -> dict[str, Any]:
+    """Manifest entry of a remote file: URI, size and ETag (else the modification time)."""
+    info = path.fs.info(path.path)
+    entry: dict[str, Any] = {"path": str(path), "size": int(info.get("size") or 0)}
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    if etag:
+        entry["etag"] = str(etag).strip('"')
+    else:
+        mtime = info.get("LastModified") or info.get("mtime") or info.get("updated")
+        entry["mtime"] = str(mtime)
+    return entry
+
+
+def open_binary(path: Any) -> BinaryIO:
+    """A remote file's bytes, gunzipped when its name ends in ``.gz``."""
+    f = path.open("rb")
+    if path.name.lower().endswith(".gz"):
+        return _Gunzip(f)  # type: ignore[return-value]
+    return f
+
+
+class _Gunzip(gzip.GzipFile):
+    """A GzipFile that also closes the remote file it reads."""
+
+    def __init__(self, f: io.IOBase) -> None:
+        super().__init__(fileobj=f, mode="rb")
+        self._raw = f
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
+def parquet_source(path: Any) -> dict[str, Any]:
+    """Keyword arguments for ``pq.ParquetFile`` / ``pq.read_schema`` of a local or remote file."""
+    if is_remote(path):
+        return {"source": path.path, "filesystem": path.fs}
+    return {"source": path}
