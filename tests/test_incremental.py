@@ -132,3 +132,26 @@ def test_without_kept_work_a_re_run_redoes_everything(demo_input, demo_server, t
     assert demo_server.hits > before
     assert not any(s["reused"] for s in res.segments)
     _every_row_once(out, 60)
+
+
+def test_incremental_re_run_on_ray_equals_a_fresh_local_run(demo_input, demo_server, tmp_path, ray_cluster):
+    import curate
+
+    small = _small_input(demo_input, tmp_path, rows=120)
+
+    def light(out, **over):  # image stages and one global filter: the flow, not the models
+        cfg = demo_config(small, out, **over)
+        cfg["stages"] = [st for st in cfg["stages"] if st["stage"] in
+                         ("download", "dedup_exact", "phash", "dedup_phash", "caption", "image_size")]
+        return cfg
+
+    out = tmp_path / "ray"
+    curate.run(light(out, **{"runner.kind": "ray"}))
+    before = demo_server.hits
+    res = curate.run(_with(light(out, **{"runner.kind": "ray"}), "dedup_phash", radius=2))
+    assert demo_server.hits == before
+    first = next(s["index"] for s in res.segments if "dedup_phash" in s["stages"])
+    assert [s["reused"] for s in res.segments] == [s["index"] < first for s in res.segments]
+    fresh = tmp_path / "fresh"
+    curate.run(_with(light(fresh), "dedup_phash", radius=2))
+    _same_output(out, fresh)
