@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate import schema as S
 from curate.io.files import InputError
@@ -79,7 +78,9 @@ def output_schema(layout: Layout) -> pa.Schema:
             pass
     files = parquet_files(layout.data) + parquet_files(layout.rejected)
     if files:
-        return pq.read_schema(files[0])
+        from curate.io.reader import _parquet
+
+        return _parquet(files[0]).schema_arrow
     return pa.schema([S.field(c) for c in S.BASE_COLUMNS + S.REJECT_COLUMNS])
 
 
@@ -111,12 +112,15 @@ def connect(output_dir: str | Path, database: str = ":memory:", threads: int | N
     """A DuckDB connection with the views ``kept``, ``rejected`` and ``samples`` over ``output_dir``."""
     import duckdb
 
-    layout = Layout(Path(output_dir).expanduser().resolve())
+    from curate.io.remote import output_root, register
+
+    layout = Layout(output_root(output_dir))
     if not layout.root.is_dir():
         raise InputError(f"{output_dir}: no such output directory")
     if not layout.data.is_dir() and not layout.rejected.is_dir():
         raise InputError(f"{output_dir}: not a curate output (no data/ or rejected/ directory)")
     con = duckdb.connect(database)
+    register(con, layout.root)
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     empty = None
@@ -163,7 +167,9 @@ def output_stats(output_dir: str | Path) -> dict[str, Any]:
     Stage order, seconds, ``info`` and run facts come from stats.json when present (else the
     order from config.resolved.yaml).  A count that differs from stats.json is logged.
     """
-    layout = Layout(Path(output_dir).expanduser().resolve())
+    from curate.io.remote import output_root
+
+    layout = Layout(output_root(output_dir))
     saved = json.loads(layout.stats.read_text()) if layout.stats.exists() else None
     con = connect(layout.root)
     try:

@@ -79,7 +79,9 @@ def build_stats(layout: Layout, stage_ids: list[str], stages: list, config: Any,
 
 
 def load_stats(output: str | Path) -> dict[str, Any]:
-    path = Layout(Path(output)).stats
+    from curate.io.remote import output_root
+
+    path = Layout(output_root(output)).stats
     if not path.exists():
         raise FileNotFoundError(f"{path}: no stats.json (is {output} a finished curate output?)")
     return json.loads(path.read_text())

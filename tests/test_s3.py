@@ -102,3 +102,31 @@ def test_unreachable_or_empty_locations_are_one_line_errors(s3, tmp_path):
            "storage": {"endpoint_url": endpoint}, "stages": []}
     with pytest.raises(InputError, match="no parquet/csv/jsonl files at s3://corpus/nothing-here/"):
         curate.run(cfg)
+
+
+def test_query_and_stats_read_an_output_copied_to_s3(s3, demo_input, tmp_path, monkeypatch, capsys):
+    from curate.cli import main
+    from curate.io.remote import output_root
+    from curate.query import query
+
+    import curate
+
+    endpoint, fs = s3
+    small = tmp_path / "in.parquet"
+    pq.write_table(pq.read_table(demo_input).slice(0, 60), small)
+    out = curate.run(_light(demo_config(small, tmp_path / "out"))).output
+    fs.put(str(out / "data"), f"{BUCKET}/outputs/run1/data", recursive=True)
+    fs.put(str(out / "rejected"), f"{BUCKET}/outputs/run1/rejected", recursive=True)
+    fs.put(str(out / "stats.json"), f"{BUCKET}/outputs/run1/stats.json")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # the usual environment says where S3 is
+    output_root("s3://x").fs.clear_instance_cache()
+    uri = f"s3://{BUCKET}/outputs/run1"
+    sql = "SELECT reject_reason, count(*) AS n FROM samples GROUP BY 1 ORDER BY 1 NULLS FIRST"
+    assert query(uri, sql).to_pylist() == query(out, sql).to_pylist()
+    assert main(["stats", str(out)]) == 0
+    local = capsys.readouterr().out
+    assert main(["stats", uri]) == 0
+    assert capsys.readouterr().out == local
+    assert main(["query", uri, "SELECT count(*) AS n FROM kept", "--format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == [{"n": query(out, "SELECT count(*) AS n FROM kept")["n"][0].as_py()}]

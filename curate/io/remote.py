@@ -63,6 +63,24 @@ def input_path(spec: str, storage: Any = None) -> Any:
     return upath(spec, storage) if is_uri(spec) else Path(spec)
 
 
+def output_root(spec: Any) -> Any:
+    """An output directory to read: a local ``Path`` (resolved), or a ``UPath`` for a URI (a finished
+    output copied to object storage; credentials and endpoint from the environment, e.g.
+    ``AWS_ENDPOINT_URL``)."""
+    if not isinstance(spec, (str, Path)):
+        return spec  # already a UPath
+    if is_uri(spec):
+        return upath(str(spec).rstrip("/"))
+    return Path(spec).expanduser().resolve()
+
+
+def register(con: Any, root: Any) -> None:
+    """Let a DuckDB connection read ``root``'s files when they are on object storage (through fsspec:
+    DuckDB's own httpfs extension is not needed)."""
+    if is_remote(root):
+        con.register_filesystem(root.fs)
+
+
 def list_files(spec: str, storage: Any, keep) -> list[Any]:
     """Files at a URI: the object itself, every object under a prefix (recursively), or a glob's matches;
     ``keep(path)`` filters them by name.  Sorted by URI."""
