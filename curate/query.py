@@ -78,9 +78,9 @@ def output_schema(layout: Layout) -> pa.Schema:
             pass
     files = parquet_files(layout.data) + parquet_files(layout.rejected)
     if files:
-        from curate.io.reader import _parquet
+        from curate.io.remote import parquet_file
 
-        return _parquet(files[0]).schema_arrow
+        return parquet_file(files[0]).schema_arrow
     return pa.schema([S.field(c) for c in S.BASE_COLUMNS + S.REJECT_COLUMNS])
 
 

@@ -177,9 +177,9 @@ def test_ingest_markers_are_keyed_by_file(tmp_path):
     # a marker is reused only for the same file at the same index: elsewhere the file is ingested again
     a = manifest["files"][0]
     cfg = InputConfig(path=str(d), shard_size=5)
-    assert [s["shard"] for s in ingest_task((0, a, cfg, str(out), "zstd"))] == \
+    assert [s["shard"] for s in ingest_task((0, a, cfg, str(out), "zstd", None))] == \
         [s["shard"] for s in markers[file_key(a)]["shards"]]
-    again = ingest_task((7, a, cfg, str(out), "zstd"))
+    again = ingest_task((7, a, cfg, str(out), "zstd", None))
     assert [s["shard"] for s in again] == ["00007-00000", "00007-00001", "00007-00002"]
 
 

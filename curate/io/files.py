@@ -47,15 +47,15 @@ def format_of(path: Path, declared: str = "auto") -> str:
 DECLARED_SUFFIXES = {"webdataset": (".tar",), "img2dataset": (".parquet",)}
 
 
-def _is_input_name(p: Path, declared: str = "auto") -> bool:
-    name = p.name.lower().removesuffix(".gz")
-    suffixes = DECLARED_SUFFIXES.get(declared, tuple(SUFFIXES))
-    return p.is_file() and not p.name.startswith((".", "_")) and any(name.endswith(s) for s in suffixes)
-
-
 def _input_name_ok(name: str, declared: str = "auto") -> bool:
+    """An input file's name: not hidden or private, with a suffix of the (declared) format."""
     low = name.lower().removesuffix(".gz")
-    return not name.startswith((".", "_")) and any(low.endswith(s) for s in DECLARED_SUFFIXES.get(declared, tuple(SUFFIXES)))
+    suffixes = DECLARED_SUFFIXES.get(declared, tuple(SUFFIXES))
+    return not name.startswith((".", "_")) and any(low.endswith(s) for s in suffixes)
+
+
+def _is_input_name(p: Path, declared: str = "auto") -> bool:
+    return p.is_file() and _input_name_ok(p.name, declared)
 
 
 def list_input_files(spec: str, declared: str = "auto", storage: Any = None) -> list[Any]:

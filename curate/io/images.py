@@ -54,10 +54,7 @@ def _split(name: str) -> tuple[str, str]:
 def iter_tar_samples(path: Path, max_member_bytes: int) -> Iterator[dict[str, Any]]:
     """Samples of a webdataset tar, in order: ``{"key", IMAGE, "txt", "json", TOO_LARGE}``."""
     cur: dict[str, Any] | None = None
-    from curate.io.remote import is_remote
-
-    raw = path.open("rb") if is_remote(path) else None
-    with raw if raw is not None else _null(), tarfile.open(path if raw is None else None, mode="r|*", fileobj=raw) as tar:
+    with path.open("rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:  # a Path or a UPath
         for m in tar:
             if not m.isfile():
                 continue
@@ -79,14 +76,6 @@ def iter_tar_samples(path: Path, max_member_bytes: int) -> Iterator[dict[str, An
                     cur[ext] = data
     if cur is not None:
         yield cur
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _json_fields(raw: bytes | None) -> dict[str, Any]:
@@ -144,9 +133,9 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def iter_img2dataset(path: Path, batch_rows: int, max_member_bytes: int) -> Iterator[pa.Table]:
     """An img2dataset shard: its parquet rows, each with its image (parquet column or sibling tar)."""
-    from curate.io.reader import _parquet
+    from curate.io.remote import parquet_file
 
-    pf = _parquet(path)
+    pf = parquet_file(path)
     names = pf.schema_arrow.names
     image_col = next((c for c in IMAGE_EXTENSIONS if c in names), None)
     tar_path = path.with_suffix(".tar")
@@ -172,8 +161,10 @@ def iter_img2dataset(path: Path, batch_rows: int, max_member_bytes: int) -> Iter
             t = t.drop_columns([image_col])
             too_large = [len(b) if b is not None and len(b) > max_member_bytes else None for b in images]
             images = [None if x else b for b, x in zip(images, too_large)]
-        else:
-            found = [image_of(k) for k in (t[KEY].to_pylist() if KEY in t.column_names else [None] * t.num_rows)]
+        else:  # the tar holds only the rows img2dataset downloaded: a failed row's key would read it to the end
+            keys = t[KEY].to_pylist() if KEY in t.column_names else [None] * t.num_rows
+            status = t[S.DOWNLOAD_STATUS].to_pylist() if S.DOWNLOAD_STATUS in t.column_names else [None] * t.num_rows
+            found = [image_of(k) if st in (None, "success") else (None, None) for k, st in zip(keys, status)]
             images, too_large = [f[0] for f in found], [f[1] for f in found]
         t = t.append_column(IMAGE, pa.array(images, pa.binary())).append_column(TOO_LARGE, pa.array(too_large, pa.int64()))
         yield t

@@ -22,14 +22,26 @@ class LineTooLong(Exception):
 
 
 def open_binary(path: Path) -> BinaryIO:
-    """The file's bytes, gunzipped when its name ends in ``.gz``."""
-    from curate.io import remote
-
-    if remote.is_remote(path):
-        return remote.open_binary(path)
+    """The file's bytes (a local ``Path`` or a ``UPath`` on object storage), gunzipped when its name
+    ends in ``.gz``."""
+    f = path.open("rb")
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
+        return _Gunzip(f)  # type: ignore[return-value]
+    return f
+
+
+class _Gunzip(gzip.GzipFile):
+    """A GzipFile that also closes the file it reads."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        super().__init__(fileobj=f, mode="rb")
+        self._raw = f
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 class Lines:

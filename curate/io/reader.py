@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate.io.files import InputError, format_of
+from curate.io.remote import parquet_file
 from curate.io.lines import (LineTooLong, Lines, TextLines, check_utf8, has_surrogates, open_binary, preview,
                              replace_surrogates)
 
@@ -67,9 +67,9 @@ def input_columns(path: Path, fmt: str, max_line_bytes: int = DEFAULT_MAX_LINE_B
         if fmt == "img2dataset":
             from curate.io.images import I2D_COLUMNS, IMAGE
 
-            return [I2D_COLUMNS.get(c, c) for c in _parquet(path).schema_arrow.names] + [IMAGE]
+            return [I2D_COLUMNS.get(c, c) for c in parquet_file(path).schema_arrow.names] + [IMAGE]
         if fmt == "parquet":
-            return _parquet(path).schema_arrow.names
+            return parquet_file(path).schema_arrow.names
         if fmt in ("csv", "tsv"):
             with open_binary(path) as f:
                 return _csv_header(path, _csv_reader(TextLines(Lines(f, max_line_bytes)), fmt, max_line_bytes))
@@ -125,16 +125,8 @@ def _numbered(tables: Iterator[pa.Table]) -> Iterator[RawBatch]:
 
 # -- parquet -------------------------------------------------------------------------------
 
-def _parquet(path: Any) -> pq.ParquetFile:
-    """A local or remote (``curate.io.remote``) Parquet file."""
-    from curate.io.remote import parquet_source
-
-    src = parquet_source(path)
-    return pq.ParquetFile(src["source"], filesystem=src.get("filesystem"))
-
-
 def _iter_parquet(path: Path, batch_rows: int) -> Iterator[RawBatch]:
-    pf = _parquet(path)
+    pf = parquet_file(path)
     start = 0
     for rb in pf.iter_batches(batch_size=batch_rows):
         t, flags = check_utf8(pa.Table.from_batches([rb]))

@@ -11,11 +11,9 @@ the store has no ETag -- so a resume refuses a changed object just as it refuses
 
 from __future__ import annotations
 
-import gzip
-import io
 import re
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _GLOB = re.compile(r"[*?\[]")
@@ -111,30 +109,10 @@ def file_entry(path: Any) -> dict[str, Any]:
     return entry
 
 
-def open_binary(path: Any) -> BinaryIO:
-    """A remote file's bytes, gunzipped when its name ends in ``.gz``."""
-    f = path.open("rb")
-    if path.name.lower().endswith(".gz"):
-        return _Gunzip(f)  # type: ignore[return-value]
-    return f
+def parquet_file(path: Any):
+    """``pq.ParquetFile`` of a local or remote file."""
+    import pyarrow.parquet as pq
 
-
-class _Gunzip(gzip.GzipFile):
-    """A GzipFile that also closes the remote file it reads."""
-
-    def __init__(self, f: io.IOBase) -> None:
-        super().__init__(fileobj=f, mode="rb")
-        self._raw = f
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._raw.close()
-
-
-def parquet_source(path: Any) -> dict[str, Any]:
-    """Keyword arguments for ``pq.ParquetFile`` / ``pq.read_schema`` of a local or remote file."""
     if is_remote(path):
-        return {"source": path.path, "filesystem": path.fs}
-    return {"source": path}
+        return pq.ParquetFile(path.path, filesystem=path.fs)
+    return pq.ParquetFile(path)

@@ -25,15 +25,14 @@ def _check_unchanged(entry: Entry, when: str, storage: Any = None) -> None:
                          "leave the input alone while a run reads it")
 
 
-def ingest_task(args: tuple) -> list[dict]:
+def ingest_task(args: tuple[int, Entry, InputConfig, str, str, Any]) -> list[dict]:
     """Ingest one input file unless a previous run already did.
 
     The done marker is named by the file's key (resolved path, size, mtime), not by its
     position, and holds the entry and index it was made for: a marker is reused only for
     the very same file at the same index (its shard ids ``FFFFF-CCCCC`` use the index).
     """
-    index, entry, cfg, root, compression, *rest = args  # rest: the storage config (object-storage inputs)
-    storage = rest[0] if rest else None
+    index, entry, cfg, root, compression, storage = args  # storage: the config's storage: section
     layout = Layout(Path(root))
     marker = layout.done("ingest") / f"{file_key(entry)}.json"
     if marker.exists():

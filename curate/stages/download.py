@@ -109,15 +109,14 @@ class _Headers:
         return self.h.getlist(name) or default
 
 
-
 def _img2dataset_parts() -> tuple[Any, Any]:
     """img2dataset's ``Resizer`` and ``is_disallowed`` without running its package ``__init__``.
 
     ``import img2dataset.resizer`` first imports the package, whose ``__init__`` loads the whole CLI
     (its webdataset writer imports torch): ~4.5 s and ~800 MB in every download worker, against
-    ~1.6 s for the two modules used here (albumentations, and wandb through the downloader's logger).  The modules are loaded under a bare
-    parent package, then everything is taken out of ``sys.modules`` again, so a later
-    ``import img2dataset`` in the same process gets the real package, untouched.
+    ~1.6 s for the two modules used here (albumentations, and wandb through the downloader's logger).
+    The modules are loaded under a bare parent package, then everything is taken out of
+    ``sys.modules`` again, so a later ``import img2dataset`` in the same process gets the real package.
     """
     import importlib
     import importlib.util
