@@ -49,15 +49,15 @@ def active_values(table: pa.Table, column: str) -> np.ndarray:
 
 def _bucket_counts(args: tuple[list[str], str, int | None]) -> dict[int, int]:
     """Counts of high 16-bit key buckets, or with ``high`` given, of low 16 bits inside that bucket."""
-    import pyarrow.parquet as pq
+    from curate.runners.flow import read_view, view_schema
 
     paths, column, high = args
     counts: dict[int, int] = {}
-    for path in paths:
-        pf = pq.ParquetFile(path)
-        cols = [c for c in (column, S.REJECT_REASON) if c in pf.schema_arrow.names]
-        for batch in pf.iter_batches(batch_size=262_144, columns=cols):
-            keys = sortable_keys(active_values(pa.Table.from_batches([batch]), column))
+    for path in paths:  # one shard's fit view (or file) at a time
+        names = view_schema(path).names
+        t = read_view(path, [c for c in (column, S.REJECT_REASON) if c in names])
+        for lo in range(0, t.num_rows, 262_144):
+            keys = sortable_keys(active_values(t.slice(lo, 262_144), column))
             sub = keys >> _SHIFT if high is None else keys[(keys >> _SHIFT) == np.uint32(high)] & _LOW
             uniq, n = np.unique(sub, return_counts=True)
             for k, c in zip(uniq.tolist(), n.tolist()):

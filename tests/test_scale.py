@@ -60,6 +60,8 @@ def test_rejected_rows_leave_the_flow_and_images_are_written_once(hostile_server
     urls[5] = f"{hostile_server}/missing.jpg"  # rejected by download (404)
     pq.write_table(pa.table({"url": urls, "caption": pq.read_table(inp)["caption"]}), inp)
     out = tmp_path / "out"
+    from curate.runners.flow import read_view, view_schema
+
     curate.run(_cfg(inp, out, extra=[{"stage": "dedup_phash"}]))  # three segments
     work = out / "_work"
     g0 = pa.concat_tables([pq.read_table(f) for f in sorted((work / "seg-0").rglob("*.parquet"))])
@@ -67,8 +69,12 @@ def test_rejected_rows_leave_the_flow_and_images_are_written_once(hostile_server
     assert S.IMAGE in g0.column_names and S.IMAGE not in g1.column_names  # image bytes written once
     assert set(g1.column_names) <= {"__pos", S.PHASH, S.DUPLICATE_OF, S.DUPLICATE_KIND, *S.REJECT_COLUMNS}
     assert g0.num_rows == 12 and g1.num_rows == 11  # the 404 row left the flow after segment 0
-    view = pq.read_table(sorted((work / "view-1").glob("*.parquet"))[0])
-    assert S.IMAGE not in view.column_names and S.IMAGE_SHA256 in view.column_names
+    views = sorted((work / "view-1").glob("*.parquet"))
+    for view in views:
+        assert pq.read_schema(view).names == ["__pos"]  # a view copies no column: it points at where they are
+        assert S.IMAGE not in view_schema(view).names and S.IMAGE_SHA256 in view_schema(view).names
+    seen = pa.concat_tables([read_view(v, [S.UID, S.IMAGE_SHA256]) for v in views])
+    assert seen.num_rows == 11 and seen[S.IMAGE_SHA256].null_count == 0  # the live rows, their values joined
     rows = read_dir(out / "data").to_pylist() + read_dir(out / "rejected").to_pylist()
     assert len(rows) == 12 and len({r["uid"] for r in rows}) == 12
     gone = [r for r in rows if r["reject_reason"]]

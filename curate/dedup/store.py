@@ -70,7 +70,13 @@ def sql_list(paths: list[str]) -> str:
 
 
 def read_sql(paths: list[str]) -> str:
-    return f"read_parquet({sql_list(paths)}, union_by_name = true)"
+    """A DuckDB FROM-clause over fit inputs: plain Parquet files, or a runner's fit views (each resolved
+    by :func:`curate.runners.flow.view_sql`: columns joined by position from where they were made)."""
+    from curate.runners.flow import view_refs, view_sql
+
+    if not any(view_refs(p) for p in paths[:1]):
+        return f"read_parquet({sql_list(paths)}, union_by_name = true)"
+    return "(" + " UNION ALL BY NAME ".join(f"SELECT * FROM {view_sql(p)}" for p in paths) + ")"
 
 
 def duckdb_partition(values: np.ndarray, parts: int) -> np.ndarray:

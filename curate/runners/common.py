@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from curate import schema as S
 from curate.io.files import write_json_atomic, write_parquet_atomic
 from curate.layout import Layout
-from curate.runners.flow import ShardRows, live, view_sources, write_group, write_view
+from curate.runners.flow import POS, ShardRows, live, read_group, view_sources, write_group, write_view
 from curate.stage import GlobalStage, Stage
 
 
@@ -147,20 +147,16 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
     if not job.final:
         if table is not None:
             write_group(job.layout, k, shard, table, job.segment.produces, job.compression)
-        # heavy view columns a column group holds are referenced by the view, not copied (nor read here)
-        sources = {} if job.view_columns is None else \
-            view_sources(job.layout, k + 1, shard, job.view_columns, job.schema)
-        if table is not None:
-            n, after = table.num_rows, live(table)
-        else:  # the view needs no image bytes: read the groups without the heavy columns it does not copy
-            rows = ShardRows(job.layout, shard, job.inputs[shard],
-                             heavy_kept=[c for c in job.view_columns or [] if c not in sources])
-            n = rows.group(k).num_rows
-            after = rows.entering(k + 1) if job.view_columns is not None else live(rows.group(k))
+            n, after = table.num_rows, live(table)[POS]
+        else:  # the parts are on disk: their positions and reject reasons tell which rows go on
+            g = read_group(job.layout, k, shard, [S.REJECT_REASON])
+            n, after = (g.num_rows, live(g)[POS]) if g is not None else (0, pa.array([], pa.int64()))
         _check(job, shard, n)
-        if job.view_columns is not None:
-            write_view(job.layout, k + 1, shard, after, job.view_columns, job.schema, job.compression, sources)
-        info.update(rows=n, live=after.num_rows)
+        if job.view_columns is not None:  # the next fit's view: live positions and where their columns are
+            base = job.inputs[shard]
+            write_view(job.layout, k + 1, shard, after, base, job.view_columns, job.schema, job.compression,
+                       view_sources(job.layout, k + 1, shard, base, job.view_columns))
+        info.update(rows=n, live=len(after))
     else:
         rows = rows or job.rows(shard)
         out = table if table is not None else rows.rows(rows.live_positions(k), k + 1)

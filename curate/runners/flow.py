@@ -13,9 +13,9 @@ stages produce and the reject columns.  So
 
 The rows entering segment ``k`` are assembled from the base and the groups ``< k`` by
 position (reads only).  A global stage's ``fit`` reads a *view* per shard
-(``_work/view-k/SHARD.parquet``): the live rows with their light columns (no image bytes,
-no embeddings unless the stage names them), written when the previous segment finished
-the shard.  Groups may consist of several part files (one per Ray batch); parts are named
+(``_work/view-k/SHARD.parquet``, written when the previous segment finished the shard) that
+copies no column: it holds the positions of the live rows and names, per column the fit reads,
+the base or column group holding it; :func:`view_sql` joins them by position in DuckDB.  Groups may consist of several part files (one per Ray batch); parts are named
 by their positions, so a retried write replaces its own part and duplicate rows collapse.
 """
 
@@ -36,13 +36,8 @@ from curate.io.files import write_parquet_atomic
 from curate.layout import Layout
 
 POS = "__pos"
-REFS = "curate.refs"  # fit view metadata: {column: [group part files holding it, relative to _work/]}
-
-
-def is_heavy(t: pa.DataType) -> bool:
-    """Column types a view leaves out unless asked for: bytes and vectors."""
-    return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_list(t)
-            or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+REFS = "curate.refs"  # fit view metadata: {column: [files holding it (base or group parts), relative to _work/]}
+BASE = "curate.base"  # fit view metadata: the shard's base (its positions are row numbers)
 
 
 def group_files(layout: Layout, k: int, shard: str) -> list[Path]:
@@ -60,25 +55,19 @@ def view_path(layout: Layout, k: int, shard: str) -> Path:
     return layout.work / f"view-{k}" / f"{shard}.parquet"
 
 
-def _columns(path: str | Path, heavy_kept: list[str] | None) -> list[str] | None:
-    """Columns to read: all (None), or all but the heavy ones not in ``heavy_kept``."""
-    if heavy_kept is None:
-        return None
-    return [f.name for f in pq.read_schema(path) if not is_heavy(f.type) or f.name in heavy_kept]
-
-
-def read_base(path: str | Path, heavy_kept: list[str] | None = None) -> pa.Table:
-    t = pq.read_table(path, columns=_columns(path, heavy_kept))
+def read_base(path: str | Path) -> pa.Table:
+    t = pq.read_table(path)
     return t.append_column(POS, pa.array(np.arange(t.num_rows, dtype=np.int64)))
 
 
-def read_group(layout: Layout, k: int, shard: str, heavy_kept: list[str] | None = None) -> pa.Table | None:
-    """Segment ``k``'s column group of a shard, sorted by position, duplicate positions collapsed."""
+def read_group(layout: Layout, k: int, shard: str, columns: list[str] | None = None) -> pa.Table | None:
+    """Segment ``k``'s column group of a shard (``columns``: those only), sorted by position, duplicate
+    positions collapsed."""
     files = group_files(layout, k, shard)
     if not files:
         return None
-    t = pa.concat_tables([pq.read_table(f, columns=_columns(f, heavy_kept)) for f in files],
-                         promote_options="permissive").sort_by(POS)
+    cols = None if columns is None else list(dict.fromkeys([POS, *columns]))
+    t = pa.concat_tables([pq.read_table(f, columns=cols) for f in files], promote_options="permissive").sort_by(POS)
     pos = t[POS].to_numpy()
     if len(pos) > 1 and (pos[1:] == pos[:-1]).any():  # a retried batch written twice: identical rows
         keep = np.r_[True, pos[1:] != pos[:-1]]
@@ -127,20 +116,19 @@ def live(t: pa.Table) -> pa.Table:
 class ShardRows:
     """The rows of one shard across segments (reads the base and the groups lazily, once each)."""
 
-    def __init__(self, layout: Layout, shard: str, base_path: str | Path, heavy_kept: list[str] | None = None) -> None:
-        """``heavy_kept``: read only the light columns and these heavy ones (None: every column)."""
-        self.layout, self.shard, self.base_path, self.heavy_kept = layout, shard, base_path, heavy_kept
+    def __init__(self, layout: Layout, shard: str, base_path: str | Path) -> None:
+        self.layout, self.shard, self.base_path = layout, shard, base_path
         self._base: pa.Table | None = None
         self._groups: dict[int, pa.Table | None] = {}
 
     def base(self) -> pa.Table:
         if self._base is None:
-            self._base = read_base(self.base_path, self.heavy_kept)
+            self._base = read_base(self.base_path)
         return self._base
 
     def group(self, k: int) -> pa.Table:
         if k not in self._groups:
-            self._groups[k] = read_group(self.layout, k, self.shard, self.heavy_kept)
+            self._groups[k] = read_group(self.layout, k, self.shard)
         g = self._groups[k]
         if g is None:
             raise RuntimeError(f"shard {self.shard}: no output of segment {k} -- the work folder is damaged")
@@ -173,65 +161,144 @@ class ShardRows:
         return [t for t in out if t.num_rows]
 
 
-def _holders(layout: Layout, k: int, shard: str, column: str) -> list[Path]:
-    """Part files of the latest column group before segment ``k`` that made ``column`` (none: not made by one)."""
-    for j in range(k - 1, -1, -1):
-        files = group_files(layout, j, shard)
-        having = [f for f in files if column in pq.read_schema(f).names]
-        if having:
-            return having
-    return []
+def _schema_names(path: str | Path, cache: dict[str, list[str]]) -> list[str]:
+    key = str(path)
+    if key not in cache:
+        cache[key] = pq.read_schema(path).names
+    return cache[key]
 
 
-def view_sources(layout: Layout, k: int, shard: str, columns: list[str], schema: pa.Schema) -> dict[str, list[Path]]:
-    """Heavy columns (embeddings) of segment ``k``'s fit view that an earlier column group holds:
-    column -> those part files.  The view references them instead of copying them, so they need not
-    be read to write it."""
-    out = {}
+def view_sources(layout: Layout, k: int, shard: str, base_path: str | Path, columns: list[str]) -> dict[str, list[Path]]:
+    """Where segment ``k``'s fit view of a shard finds each of its ``columns``: the part files of the
+    latest column group before ``k`` that made it, else the shard's base.  A column neither holds
+    (no row of the shard reached the stage that makes it) is left out."""
+    cache: dict[str, list[str]] = {}
+    groups = [group_files(layout, j, shard) for j in range(k)]
+    out: dict[str, list[Path]] = {}
     for c in dict.fromkeys(columns):
-        if c in schema.names and is_heavy(schema.field(c).type):
-            files = _holders(layout, k, shard, c)
-            if files:
-                out[c] = files
+        for j in range(k - 1, -1, -1):
+            having = [f for f in groups[j] if c in _schema_names(f, cache)]
+            if having:
+                out[c] = having
+                break
+        else:
+            if c in _schema_names(base_path, cache):
+                out[c] = [Path(base_path)]
     return out
 
 
-def write_view(layout: Layout, k: int, shard: str, live_rows: pa.Table, columns: list[str], schema: pa.Schema,
-               compression: str, sources: dict[str, list[Path]]) -> None:
-    """The fit view of segment ``k`` for a shard: its live rows with the ``columns`` its global stage's fit reads.
+def _rel(layout: Layout, f: Path) -> str:
+    try:
+        return str(Path(f).relative_to(layout.work))
+    except ValueError:
+        return str(f)
 
-    Every view has the same columns: one the rows lack (a shard none of whose rows reached the stages
-    that make it) is added as nulls of the pipeline ``schema``'s type.  The columns in ``sources``
-    (:func:`view_sources`) are not copied: the view keeps ``__pos`` and names their group files in its
-    metadata (``REFS``); :func:`view_refs` / :func:`view_schema` resolve them."""
-    t = live_rows
+
+def write_view(layout: Layout, k: int, shard: str, live_pos: pa.Array, base_path: str | Path, columns: list[str],
+               schema: pa.Schema, compression: str, sources: dict[str, list[Path]]) -> None:
+    """The fit view of segment ``k`` for a shard: the positions of its live rows, and where the ``columns``
+    its global stage's fit reads are (``sources``, :func:`view_sources`) -- the view copies none of them.
+
+    Every view has the same columns: one no file holds is stored in the view as nulls of the pipeline
+    ``schema``'s type.  :func:`view_sql` / :func:`read_view` / :func:`view_schema` resolve a view."""
+    pos = live_pos.combine_chunks() if isinstance(live_pos, pa.ChunkedArray) else live_pos
+    out = pa.table({POS: pa.array(np.sort(pos.to_numpy(zero_copy_only=False)).astype(np.int64))})
     for c in dict.fromkeys(columns):
-        if c not in t.column_names and c in schema.names and c not in sources:
-            t = t.append_column(schema.field(c), pa.nulls(t.num_rows, schema.field(c).type))
-    cols = [c for c in dict.fromkeys(columns) if c in t.column_names and c not in sources]
-    out = t.select(cols + ([POS] if sources else []))
-    if sources:
-        refs = {c: [str(f.relative_to(layout.work)) for f in files] for c, files in sources.items()}
-        out = out.replace_schema_metadata({REFS: json.dumps(refs)})
+        if c not in sources and c in schema.names:
+            out = out.append_column(schema.field(c), pa.nulls(out.num_rows, schema.field(c).type))
+    refs = {c: [_rel(layout, f) for f in files] for c, files in sources.items()}
+    out = out.replace_schema_metadata({REFS: json.dumps(refs), BASE: _rel(layout, Path(base_path))})
     write_parquet_atomic(out, view_path(layout, k, shard), compression)
 
 
-def view_refs(path: str | Path) -> dict[str, list[str]]:
-    """Columns a fit view holds by reference: column -> the group part files with its values (by ``__pos``)."""
+def _view_meta(path: str | Path) -> tuple[dict[str, list[str]], str | None]:
+    """(column -> the files holding it, the base file) of a fit view; ({}, None) for a plain Parquet file."""
     md = pq.read_schema(path).metadata or {}
     raw = md.get(REFS.encode())
     if not raw:
-        return {}
+        return {}, None
     work = Path(path).resolve().parent.parent
-    return {c: [str(work / f) for f in files] for c, files in json.loads(raw).items()}
+
+    def where(f: str) -> str:
+        return str(work / f) if not Path(f).is_absolute() else f
+
+    base = md.get(BASE.encode())
+    return ({c: [where(f) for f in files] for c, files in json.loads(raw).items()},
+            where(base.decode()) if base else None)
+
+
+def view_refs(path: str | Path) -> dict[str, list[str]]:
+    """Columns a fit view holds by reference: column -> the files with its values (by ``__pos``)."""
+    return _view_meta(path)[0]
 
 
 def view_schema(path: str | Path) -> pa.Schema:
     """Schema of a fit input as its fit sees it: a view's referenced columns included."""
     schema = pq.read_schema(path)
+    cache: dict[str, pa.Schema] = {}
     for c, files in view_refs(path).items():
-        schema = schema.append(pq.read_schema(files[0]).field(c))
-    return schema
+        if files[0] not in cache:
+            cache[files[0]] = pq.read_schema(files[0])
+        schema = schema.append(cache[files[0]].field(c))
+    return schema.remove_metadata()
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _lit(path: str) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def view_sql(path: str | Path, columns: list[str] | None = None) -> str:
+    """A DuckDB subquery ``(SELECT ...)`` with the rows of a fit input in position order: for a view, its
+    live rows, each column read from the base or column group holding it (joined by position); for a
+    plain Parquet file, the file.  ``columns``: those (of :func:`view_schema`) only; None: all."""
+    refs, base = _view_meta(path)
+    own = pq.read_schema(path).names
+    names = list(own) + [c for c in refs if c not in own] if columns is None else list(dict.fromkeys(columns))
+    if not refs:
+        return f"(SELECT {', '.join(_q(c) for c in names if c in own) or '*'} FROM read_parquet({_lit(str(path))}))"
+    by_files: dict[tuple[str, ...], list[str]] = {}
+    for c in names:
+        if c in refs and c not in own:
+            by_files.setdefault(tuple(refs[c]), []).append(c)
+    select = [f"v.{_q(c)}" for c in names if c in own]
+    joins = []
+    for i, (files, cols) in enumerate(by_files.items()):
+        a = f"s{i}"
+        cs = ", ".join(_q(c) for c in cols)
+        if base is not None and files == (base,):
+            src = f"(SELECT file_row_number AS {_q(POS)}, {cs} FROM read_parquet({_lit(base)}, file_row_number = true))"
+        else:  # a retried Ray batch may have written a part twice: identical rows, one kept
+            flist = "[" + ", ".join(_lit(f) for f in files) + "]"
+            src = (f"(SELECT {_q(POS)}, {cs} FROM read_parquet({flist}, union_by_name = true) "
+                   f"QUALIFY row_number() OVER (PARTITION BY {_q(POS)}) = 1)")
+        joins.append(f"LEFT JOIN {src} {a} ON {a}.{_q(POS)} = v.{_q(POS)}")
+        select += [f"{a}.{_q(c)}" for c in cols]
+    if POS not in names:
+        select.append(f"v.{_q(POS)}")
+    return (f"(SELECT {', '.join(select)} FROM read_parquet({_lit(str(path))}) v {' '.join(joins)} "
+            f"ORDER BY v.{_q(POS)})")
+
+
+def read_view(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """The rows of a fit input (:func:`view_sql`) as an Arrow table."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET threads = 1")  # fits read files in parallel tasks instead
+    try:
+        rel = con.sql(f"SELECT * FROM {view_sql(path, columns)}")
+        t = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+        t = t.read_all() if isinstance(t, pa.RecordBatchReader) else t
+    finally:
+        con.close()
+    schema = view_schema(path)
+    # DuckDB widens some Arrow types (float16, dictionaries): back to the stored ones
+    return pa.table([t[c].cast(schema.field(c).type) if c in schema.names else t[c] for c in t.column_names],
+                    names=t.column_names)
 
 
 def live_count(path: str | Path) -> int:

@@ -155,21 +155,21 @@ def _read_active(path: str, columns: list[str], emb: str) -> tuple[pa.Table, np.
     than pyarrow) and their raw embeddings, in the file's own float type."""
     import duckdb
 
-    from curate.runners.flow import POS, view_refs, view_schema
+    from curate.runners.flow import POS, view_refs, view_schema, view_sql
 
     schema = view_schema(path)
     names = [c for c in columns if c in schema.names and c != emb]
-    position = S.SOURCE_ROW not in schema.names  # notebook tables: position in the file
     con = duckdb.connect()
     con.execute("SET threads = 1")  # files are read in parallel instead
-    cols = ", ".join(f'v."{c}"' for c in names) + f', "{emb}"' + (", file_row_number" if position else "")
-    src = f"read_parquet({store.sql_list([path])}{', file_row_number = true' if position else ''}) v"
-    refs = view_refs(path).get(emb)
-    if refs:  # a runner's fit view: the embeddings stay in the column group that made them (joined by position)
-        src += (f' JOIN (SELECT "{POS}", "{emb}" FROM read_parquet({store.sql_list(refs)}) '
-                f'QUALIFY row_number() OVER (PARTITION BY "{POS}") = 1) g ON v."{POS}" = g."{POS}"')
-    rel = con.sql(f'SELECT {cols} FROM {src} WHERE v."{S.REJECT_REASON}" IS NULL AND "{emb}" IS NOT NULL'
-                  + (f' ORDER BY v."{POS}"' if refs else ""))
+    where = f'WHERE "{S.REJECT_REASON}" IS NULL AND "{emb}" IS NOT NULL'
+    cols = ", ".join(f'"{c}"' for c in names) + f', "{emb}"'
+    position = S.SOURCE_ROW not in schema.names  # notebook tables: position in the file
+    if view_refs(path):  # a runner's fit view: columns joined by position from where they were made
+        src = view_sql(path, [*names, emb, S.REJECT_REASON])
+        rel = con.sql(f'SELECT {cols} FROM {src} {where} ORDER BY "{POS}"')
+    else:
+        src = f"read_parquet({store.sql_list([path])}{', file_row_number = true' if position else ''})"
+        rel = con.sql(f"SELECT {cols}{', file_row_number' if position else ''} FROM {src} {where}")
     t = store.arrow(rel)
     con.close()
     if position:
@@ -206,8 +206,10 @@ def _in_sample(uids: pa.ChunkedArray, cut: int) -> pa.Array:
 
 def _scan_file(args: tuple) -> tuple[int, str | None, str | None]:
     """One input file -> its active rows in compact form (+ the k-means sample rows)."""
+    from curate.runners.flow import view_schema
+
     path, emb, keep, cut, rows_out, sample_out = args
-    cols = [S.UID, S.SHARD, S.SOURCE_ROW, emb, *keep_columns(keep, pq.read_schema(path).names)]
+    cols = [S.UID, S.SHARD, S.SOURCE_ROW, emb, *keep_columns(keep, view_schema(path).names)]
     t, x = _read_active(path, cols, emb)
     if t.num_rows == 0:
         return 0, None, None
