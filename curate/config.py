@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,9 +53,21 @@ class OutputConfig(_Strict):
     path: str
     overwrite: bool = Field(False, description="delete an existing output made with another config")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    work_path: str | None = Field(None, description="folder for the intermediate work (shards between segments, "
+                                  "done markers, global states); default OUTPUT/_work, or for an output on "
+                                  "object storage a local folder named by its URI (~/.cache/curate/work/HASH). "
+                                  "A resume needs the same folder; on a multi-node Ray cluster, a shared one")
     keep_work: bool = Field(True, description="keep the intermediate shards under _work/ after the run, so "
                             "that a re-run with changed later stages reuses the segments before them "
                             "(false: delete them; a re-run then redoes everything)")
+
+    @field_validator("work_path")
+    @classmethod
+    def _local_work(cls, v: str | None) -> str | None:
+        if v and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", v) and not v.startswith("file://"):
+            raise ValueError("output.work_path must be a local or shared folder (the deliverables may go to "
+                             "object storage through output.path; the work folder is read and written by rename)")
+        return v
 
 
 class StorageConfig(_Strict):
@@ -129,6 +142,7 @@ class Config(_Strict):
         data.pop("runner", None)
         data.pop("storage", None)  # how files are reached, not what they hold (the manifest says that)
         data["output"].pop("overwrite", None)
+        data["output"].pop("work_path", None)  # where the work lies, not what it holds
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

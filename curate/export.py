@@ -24,6 +24,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +34,7 @@ import pyarrow as pa
 
 from curate import schema as S
 from curate.io.files import InputError, write_json_atomic
+from curate.io.remote import is_remote, output_root
 from curate.query import connect
 
 BATCH_ROWS = 2048
@@ -110,19 +113,24 @@ class _TarShards:
 
     def _open(self) -> None:
         name = f"{len(self.shards):05d}.tar"
-        self._tmp = self.dest / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        self._f = open(self._tmp, "wb")
+        if is_remote(self.dest):  # object storage: the object appears when its upload completes
+            self._tmp = None
+            self._f = self.dest.fs.open((self.dest / name).path, "wb")
+        else:
+            self._tmp = self.dest / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+            self._f = open(self._tmp, "wb")
         self.shards.append({"name": name, "samples": 0})
         self._count = self._pos = 0
 
     def _close(self) -> None:
         if self._f is not None:
             end = self._pos + 2 * _BLOCK
-            self._f.write(b"\0" * (2 * _BLOCK + (-end) % _RECORD))
+            pad = b"\0" * (2 * _BLOCK + (-end) % _RECORD)
+            self._f.write(pad)
             self._f.close()
-            final = self.dest / self.shards[-1]["name"]
-            os.replace(self._tmp, final)
-            self.shards[-1]["bytes"] = final.stat().st_size
+            if self._tmp is not None:
+                os.replace(self._tmp, self.dest / self.shards[-1]["name"])
+            self.shards[-1]["bytes"] = self._pos + len(pad)
             self._f = None
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
@@ -140,8 +148,12 @@ class _TarShards:
 
     def abort(self) -> None:
         if self._f is not None:
-            self._f.close()
-            self._tmp.unlink(missing_ok=True)
+            if self._tmp is None:
+                self._f.discard()  # the multipart upload is aborted
+                self._f.closed = True
+            else:
+                self._f.close()
+                self._tmp.unlink(missing_ok=True)
             self.shards.pop()
             self._f = None
 
@@ -152,8 +164,8 @@ class _TarShards:
 def export_webdataset(output_dir: str | Path, dest: str | Path | None = None, shard_size: int = 10_000,
                       caption_field: str = "auto", where: str | None = None, overwrite: bool = False) -> dict:
     """Write the kept rows (optionally filtered by ``where``) as WebDataset tar shards; returns the manifest."""
-    out = Path(output_dir).expanduser().resolve()
-    dest = Path(dest) if dest else out / "export" / "webdataset"
+    out = output_root(output_dir)
+    dest = output_root(dest) if dest else out / "export" / "webdataset"
     if shard_size < 1:
         raise InputError("export: --shard-size must be at least 1")
     if caption_field not in CAPTION_FIELDS:
@@ -172,7 +184,8 @@ def export_webdataset(output_dir: str | Path, dest: str | Path | None = None, sh
         raise InputError(f"export: {dest} already holds {len(existing)} tar shards; pass --overwrite")
     for f in existing:
         f.unlink()
-    dest.mkdir(parents=True, exist_ok=True)
+    if not is_remote(dest):
+        dest.mkdir(parents=True, exist_ok=True)
     skip = {S.IMAGE, S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING, S.REJECT_REASON, S.REJECT_STAGE, S.REJECT_DETAIL,
             S.ERROR_TYPE}
     con, reader = _kept_rows(out, "*", where)
@@ -216,8 +229,10 @@ def export_datacomp_uids(output_dir: str | Path, dest: str | Path | None = None,
     """Write the sorted ``np.dtype("u8,u8")`` array of kept uids DataComp's resharder reads."""
     import numpy as np
 
-    out = Path(output_dir).expanduser().resolve()
-    dest = Path(dest) if dest else out / "export" / "datacomp_uids.npy"
+    out = output_root(output_dir)
+    final = output_root(dest) if dest else out / "export" / "datacomp_uids.npy"
+    # the array is built in a local file (a memory map); on object storage it is uploaded when complete
+    dest = Path(tempfile.mkdtemp(prefix="curate-uids-")) / final.name if is_remote(final) else final
     if dest.suffix != ".npy":
         raise InputError(f"export: {dest}: the DataComp subset file must end in .npy")
     filt = f" WHERE {where}" if where else ""
@@ -251,11 +266,15 @@ def export_datacomp_uids(output_dir: str | Path, dest: str | Path | None = None,
         arr.flush()
         del arr
         os.replace(tmp, dest)
+        if dest != final:
+            final.fs.put_file(str(dest), final.path)
     finally:
         con.close()
         if tmp.exists():
             tmp.unlink()
-    info = {"format": "datacomp-uids", "source": str(out), "where": where, "path": str(dest), "uids": n,
+        if dest != final:
+            shutil.rmtree(dest.parent, ignore_errors=True)
+    info = {"format": "datacomp-uids", "source": str(out), "where": where, "path": str(final), "uids": n,
             "hashed": bool(hash_uids), "dtype": "u8,u8"}
-    write_json_atomic(info, dest.with_suffix(".json"))
+    write_json_atomic(info, final.with_suffix(".json"))
     return info

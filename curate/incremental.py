@@ -111,10 +111,10 @@ def invalidate(layout: Layout, prev: list[dict[str, Any]], k: int) -> None:
         for sid, _, _ in rec["stages"]:
             shutil.rmtree(layout.state(sid), ignore_errors=True)
             (layout.timing / f"fit-{sid}.json").unlink(missing_ok=True)
-    for p in (layout.data, layout.rejected):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in (layout.stats, layout.report):
-        p.unlink(missing_ok=True)
+    from curate.io.remote import remove
+
+    for p in (layout.data, layout.rejected, layout.stats, layout.report):
+        remove(p)
 
 
 def describe(records: list[dict[str, Any]], k: int, prev: list[dict[str, Any]]) -> list[str]:

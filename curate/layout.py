@@ -1,14 +1,22 @@
-"""Where things live under ``output.path``."""
+"""Where things live under ``output.path``.
+
+``root`` is a local ``Path`` or, for an output on object storage, a ``UPath`` (``s3://...``): the
+deliverables (``data/``, ``rejected/``, ``stats.json``, the report, the resolved config) go there.
+The work folder (intermediate shards, done markers, global states) is ``root/_work`` for a local
+output and a local (or shared) folder ``work_dir`` for one on object storage (``output.work_path``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Layout:
-    root: Path
+    root: Any  # Path | UPath
+    work_dir: Path | None = None
 
     @property
     def data(self) -> Path:
@@ -32,7 +40,7 @@ class Layout:
 
     @property
     def work(self) -> Path:
-        return self.root / "_work"
+        return self.work_dir if self.work_dir is not None else self.root / "_work"
 
     @property
     def run_file(self) -> Path:

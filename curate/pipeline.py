@@ -41,14 +41,29 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    output: Path
+    output: Any  # Path, or a UPath for an output on object storage
     stats: dict[str, Any]
     #: per segment: index, stage ids, and whether its work was reused from a previous run's
     segments: list[dict[str, Any]] = field(default_factory=list)
+    work: Path | None = None
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.output)
+        return Layout(self.output, self.work)
+
+
+def output_layout(config: Config) -> Layout:
+    """Where the run writes: ``output.path`` (local, or a URI: the deliverables go to object storage)
+    and the work folder (``output.work_path``; default ``OUTPUT/_work``, or for a URI a local folder
+    named by its hash, see ``curate.io.remote.default_work_dir``)."""
+    from curate.io.remote import default_work_dir, is_uri, output_root
+
+    spec = config.output.path
+    root = output_root(spec, config.storage)
+    work = Path(config.output.work_path).expanduser().resolve() if config.output.work_path else None
+    if work is None and is_uri(spec):
+        work = default_work_dir(str(root))
+    return Layout(root, work)
 
 
 def build_stages(config: Config) -> list[Stage]:
@@ -80,6 +95,7 @@ def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any]) -> 
     for another config with ``output.overwrite``).
     """
     from curate.incremental import base_fingerprint
+    from curate.io.remote import is_remote, remove
 
     h = config.work_hash()
     base = base_fingerprint(config, manifest)
@@ -107,15 +123,16 @@ def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any]) -> 
                         "was deleted (output.keep_work: false): every segment is redone", layout.root)
     elif layout.root.exists() and any(not p.name.startswith("_demo") for p in layout.root.iterdir()):
         if not config.output.overwrite:
+            if layout.stats.exists() or layout.data.exists():
+                raise ConfigError(f"output.path {layout.root} holds a curate output whose work folder "
+                                  f"({layout.work}) is not here: set output.work_path to it, or "
+                                  "--set output.overwrite=true to start over")
             raise ConfigError(f"output.path {layout.root} exists and is not a curate output; "
                               "choose a new output.path or --set output.overwrite=true")
-    if layout.root.exists():
-        for p in (layout.data, layout.rejected, layout.work, layout.stats, layout.report, layout.config):
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    layout.root.mkdir(parents=True, exist_ok=True)
+    for p in (layout.data, layout.rejected, layout.work, layout.stats, layout.report, layout.config):
+        remove(p)
+    if not is_remote(layout.root):
+        layout.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(manifest, layout.input_manifest)  # before run.json: a run.json always has its manifest
     write_json_atomic({"work_hash": h, "base": base, "created": time.time()}, layout.run_file)
     return None
@@ -192,10 +209,10 @@ def _fit(stage: GlobalStage, inputs: dict[str, str], rows: int, runner: Runner, 
 
 def execute(config: Config) -> RunResult:
     t_start = time.time()
-    layout = Layout(Path(config.output.path).expanduser().resolve())
-    own = (layout.data, layout.rejected, layout.work)  # never read our own output as input
+    layout = output_layout(config)
+    own = tuple(str(d).rstrip("/") + "/" for d in (layout.data, layout.rejected, layout.work))
     files = [f for f in list_input_files(config.input.path, config.input.format, config.storage)
-             if not (isinstance(f, Path) and any(f.is_relative_to(d) for d in own))]
+             if not str(f).startswith(own)]  # never read our own output as input
     if not files:
         raise InputError(f"input.path {config.input.path}: no input files outside output.path")
     check_input(files, config.input)
@@ -226,7 +243,7 @@ def execute(config: Config) -> RunResult:
         _cleanup(layout, n_seg)
     _write_report(layout)
     return RunResult(layout.root, stats, [{"index": r["index"], "stages": [st[0] for st in r["stages"]],
-                                           "reused": r["reused"]} for r in plan])
+                                           "reused": r["reused"]} for r in plan], layout.work_dir)
 
 
 def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list[Segment],

@@ -104,29 +104,140 @@ def test_unreachable_or_empty_locations_are_one_line_errors(s3, tmp_path):
         curate.run(cfg)
 
 
-def test_query_and_stats_read_an_output_copied_to_s3(s3, demo_input, tmp_path, monkeypatch, capsys):
+def _s3_rows(fs, prefix: str) -> pa.Table:
+    files = sorted(fs.find(prefix))
+    return pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files]) if files else None
+
+
+@pytest.fixture(scope="module")
+def light_ref(demo_input, tmp_path_factory):
+    """The light demo pipeline with a local input and output: what every S3 run must equal."""
+    import curate
+
+    return curate.run(_light(demo_config(demo_input, tmp_path_factory.mktemp("ref") / "out"))).output
+
+
+def _s3_config(endpoint: str, inp: str, out: str, work, **over) -> dict:
+    cfg = _light(demo_config(inp, out, **over))  # type: ignore[arg-type]
+    cfg["input"]["path"], cfg["output"]["path"] = inp, out
+    cfg["output"]["work_path"] = str(work)
+    cfg["storage"] = {"endpoint_url": endpoint}
+    return cfg
+
+
+def test_demo_from_s3_to_s3_on_both_runners_and_the_tools_read_it(s3, demo_input, light_ref, tmp_path,
+                                                                  ray_cluster, monkeypatch, capsys):
+    import curate
     from curate.cli import main
     from curate.io.remote import output_root
     from curate.query import query
 
-    import curate
-
     endpoint, fs = s3
-    small = tmp_path / "in.parquet"
-    pq.write_table(pq.read_table(demo_input).slice(0, 60), small)
-    out = curate.run(_light(demo_config(small, tmp_path / "out"))).output
-    fs.put(str(out / "data"), f"{BUCKET}/outputs/run1/data", recursive=True)
-    fs.put(str(out / "rejected"), f"{BUCKET}/outputs/run1/rejected", recursive=True)
-    fs.put(str(out / "stats.json"), f"{BUCKET}/outputs/run1/stats.json")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # the usual environment says where S3 is
+    _upload(fs, pq.read_table(demo_input), "demo/in/demo.parquet")
+    for kind in ("local", "ray"):
+        uri = f"s3://{BUCKET}/demo/out-{kind}"
+        res = curate.run(_s3_config(endpoint, f"s3://{BUCKET}/demo/in/", uri, tmp_path / f"work-{kind}",
+                                    **{"runner.kind": kind}))
+        assert str(res.output) == uri
+        keys = {k.split("/out-" + kind + "/", 1)[1] for k in fs.find(f"{BUCKET}/demo/out-{kind}")}
+        assert {"stats.json", "report.html", "config.resolved.yaml"} <= keys
+        assert not [k for k in keys if k.startswith("_work") or k.endswith(".tmp")]  # work stays local
+        assert (tmp_path / f"work-{kind}" / "run.json").exists()
+        for sub in ("data", "rejected"):
+            got = _s3_rows(fs, f"{BUCKET}/demo/out-{kind}/{sub}")
+            assert rows_by_uid(got) == rows_by_uid(read_dir(light_ref / sub)), f"{kind}: {sub}/ differs"
+    # the tools read an output on S3 (endpoint from the usual environment)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     output_root("s3://x").fs.clear_instance_cache()
-    uri = f"s3://{BUCKET}/outputs/run1"
+    uri = f"s3://{BUCKET}/demo/out-ray"
     sql = "SELECT reject_reason, count(*) AS n FROM samples GROUP BY 1 ORDER BY 1 NULLS FIRST"
-    assert query(uri, sql).to_pylist() == query(out, sql).to_pylist()
-    assert main(["stats", str(out)]) == 0
+    assert query(uri, sql).to_pylist() == query(light_ref, sql).to_pylist()
+    assert main(["stats", str(light_ref)]) == 0
     local = capsys.readouterr().out
     assert main(["stats", uri]) == 0
-    assert capsys.readouterr().out == local
+    got = capsys.readouterr().out
+    def counts(text: str) -> str:
+        return text.splitlines()[0].split("time:")[0]
+
+    assert counts(got) == counts(local) and "rows in: 240" in got  # the funnel's counts
     assert main(["query", uri, "SELECT count(*) AS n FROM kept", "--format", "json"]) == 0
-    got = json.loads(capsys.readouterr().out)
-    assert got == [{"n": query(out, "SELECT count(*) AS n FROM kept")["n"][0].as_py()}]
+    kept = query(light_ref, "SELECT count(*) AS n FROM kept")["n"][0].as_py()
+    assert json.loads(capsys.readouterr().out) == [{"n": kept}]
+    fs.rm(f"{BUCKET}/demo/out-ray/report.html")
+    assert main(["report", uri]) == 0
+    assert b"curate report" in fs.cat(f"{BUCKET}/demo/out-ray/report.html")
+    assert main(["export", uri, "--format", "webdataset", "--shard-size", "25"]) == 0
+    assert main(["export", uri, "--format", "datacomp-uids", "--hash-uids"]) == 0
+    assert fs.exists(f"{BUCKET}/demo/out-ray/export/datacomp_uids.npy")
+    tars = sorted(fs.glob(f"{BUCKET}/demo/out-ray/export/webdataset/*.tar"))
+    import tarfile
+
+    members = [m.name for t in tars for m in tarfile.open(fileobj=io.BytesIO(fs.cat(t))).getmembers()]
+    assert len([m for m in members if m.endswith(".json")]) == kept
+
+
+def test_kill_and_resume_with_the_output_on_s3(s3, demo_input, light_ref, tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    endpoint, fs = s3
+    _upload(fs, pq.read_table(demo_input), "resume/in/demo.parquet")
+    work = tmp_path / "work"
+    uri = f"s3://{BUCKET}/resume/out"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(_s3_config(endpoint, f"s3://{BUCKET}/resume/in/", uri, work,
+                                                  **{"input.shard_size": 20})))
+    cmd = [sys.executable, "-m", "curate.cli", "run", str(cfg_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+
+    def done() -> int:
+        return len(list((work / "done").glob("seg-*/*.json")))
+
+    while done() < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; use more shards"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not fs.exists(f"{BUCKET}/resume/out/stats.json")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming the run" in res.stderr
+    todo = [(int(a), int(b)) for a, b in re.findall(r"segment 0 \(.*\): (\d+) of (\d+) shards to do", res.stderr)]
+    assert todo and todo[0][0] < todo[0][1], res.stderr[-2000:]  # the finished shards were not redone
+    for sub in ("data", "rejected"):
+        assert rows_by_uid(_s3_rows(fs, f"{BUCKET}/resume/out/{sub}")) == rows_by_uid(read_dir(light_ref / sub))
+    # another machine (another work folder) does not silently build on it
+    import curate
+    from curate.config import ConfigError
+
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["output"]["work_path"] = str(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="holds a curate output whose work folder"):
+        curate.run(cfg)
+
+
+def test_a_failed_upload_leaves_no_object(s3):
+    from curate.io.files import _atomic, write_bytes_atomic
+    from curate.io.remote import upath
+
+    endpoint, fs = s3
+    target = upath(f"s3://{BUCKET}/atomic/shard.parquet", None)
+    target = type(target)(str(target), endpoint_url=endpoint)
+
+    def half(f) -> None:
+        f.write(b"x" * (6 * 2**20))  # past s3fs's 5 MiB block: a multipart upload is under way
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        _atomic(target, half)
+    assert not fs.exists(f"{BUCKET}/atomic/shard.parquet")
+    assert not fs.call_s3("list_multipart_uploads", Bucket=BUCKET).get("Uploads")  # aborted, not left open
+    write_bytes_atomic(b"whole", target)
+    assert fs.cat(f"{BUCKET}/atomic/shard.parquet") == b"whole"

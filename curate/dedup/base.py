@@ -94,8 +94,6 @@ def rank(metric: pa.Array | np.ndarray, uids: pa.Array | list) -> np.ndarray:
 
 def check_columns(stage: GlobalStage, ctx: Any, needed: tuple[str, ...], keep: str | None = None) -> pa.Schema:
     """Fail early (naming the stage and column) when fit's input lacks a column it needs."""
-    import pyarrow.parquet as pq
-
     if not ctx.paths:
         return pa.schema([])
     from curate.runners.flow import view_schema

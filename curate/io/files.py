@@ -99,16 +99,37 @@ def _write_error(path: Path, e: OSError) -> OSError:
     return OSError(errno, f"cannot write {path}: {reason}")
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temp file beside ``path`` and rename: readers never see half a file.
+def _atomic(path: Any, write: Callable[[Any], None]) -> None:
+    """Write ``path`` so that readers never see half a file: ``write(f)`` fills a binary file object.
+
+    Local: a temp file beside ``path``, renamed over it.  Object storage (a ``UPath``) has no rename,
+    but an object appears only when its upload completes: the object is written in place, and on an
+    error the upload is discarded (a killed process never completes it either).
 
     Any OSError (disk full, file too large, permission denied...) becomes one whose
     message names ``path``; the temp file is removed.
     """
+    from curate.io.remote import is_remote
+
+    if is_remote(path):
+        f = path.fs.open(path.path, "wb")
+        try:
+            write(f)
+        except BaseException:
+            if hasattr(f, "discard"):
+                f.discard()  # the multipart upload is aborted: no object appears
+                f.closed = True
+            raise
+        try:
+            f.close()
+        except OSError as e:
+            raise _write_error(path, e) from None
+        return
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except OSError as e:
         raise _write_error(path, e) from None
@@ -119,15 +140,12 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
             log.warning("could not remove the temp file %s", tmp)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, compression: str = "zstd") -> None:
-    _atomic(path, lambda tmp: pq.write_table(table, tmp, compression=None if compression == "none" else compression))
+def write_parquet_atomic(table: pa.Table, path: Any, compression: str = "zstd") -> None:
+    _atomic(path, lambda f: pq.write_table(table, f, compression=None if compression == "none" else compression))
 
 
-def write_bytes_atomic(data: bytes, path: Path) -> None:
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-
-    _atomic(path, write)
+def write_bytes_atomic(data: bytes, path: Any) -> None:
+    _atomic(path, lambda f: f.write(data))
 
 
 def write_json_atomic(data: Any, path: Path) -> None:

@@ -61,15 +61,38 @@ def input_path(spec: str, storage: Any = None) -> Any:
     return upath(spec, storage) if is_uri(spec) else Path(spec)
 
 
-def output_root(spec: Any) -> Any:
-    """An output directory to read: a local ``Path`` (resolved), or a ``UPath`` for a URI (a finished
-    output copied to object storage; credentials and endpoint from the environment, e.g.
-    ``AWS_ENDPOINT_URL``)."""
-    if not isinstance(spec, (str, Path)):
+def output_root(spec: Any, storage: Any = None) -> Any:
+    """An output directory: a local ``Path`` (resolved), or a ``UPath`` for a URI (credentials and
+    endpoint from ``storage`` and the environment, e.g. ``AWS_ENDPOINT_URL``)."""
+    if not isinstance(spec, (str, Path)) or (isinstance(spec, Path) and is_remote(spec)):
         return spec  # already a UPath
     if is_uri(spec):
-        return upath(str(spec).rstrip("/"))
+        return upath(str(spec).rstrip("/"), storage)
     return Path(spec).expanduser().resolve()
+
+
+def default_work_dir(uri: str) -> Path:
+    """The local work folder of an output on object storage (``output.work_path`` unset):
+    ``$CURATE_WORK_HOME`` or ``~/.cache/curate/work``, then a hash of the output URI."""
+    import hashlib
+    import os
+
+    home = os.environ.get("CURATE_WORK_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "curate", "work")
+    return Path(home).expanduser().resolve() / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+
+
+def remove(path: Any) -> None:
+    """Delete a file or a folder (recursively), local or on object storage; absent: nothing to do."""
+    import shutil
+
+    if is_remote(path):
+        if path.fs.exists(path.path):
+            path.fs.rm(path.path, recursive=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def register(con: Any, root: Any) -> None:

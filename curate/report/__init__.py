@@ -12,8 +12,6 @@ the file needs no network and no JavaScript.
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
 
 from curate.layout import Layout
@@ -33,13 +31,13 @@ def build_report(output_dir: str | Path, samples: int = 24, per_reason: int = 8,
 
 def write_report(output_dir: str | Path, path: str | Path | None = None, **options) -> Path:
     """Write ``report.html`` (default ``OUTPUT_DIR/report.html``) atomically; returns its path."""
-    target = Path(path) if path else Layout(Path(output_dir).expanduser().resolve()).report
+    from curate.io.files import write_text_atomic
+    from curate.io.remote import output_root
+
+    target = output_root(path) if path else Layout(output_root(output_dir)).report
     html = build_report(output_dir, **options)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, target)
-    log.info("report: %s (%.0f kB)", target, target.stat().st_size / 1024)
+    write_text_atomic(html, target)
+    log.info("report: %s (%.0f kB)", target, len(html.encode()) / 1024)
     return target
 
 

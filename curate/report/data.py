@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from curate import schema as S
 from curate.layout import Layout
@@ -77,7 +76,7 @@ def _fetch(con, picks: list[tuple[str, int]], thumb_px: int) -> dict[tuple[str, 
         by_file.setdefault(f, []).append(int(r))
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for f, rows in by_file.items():
-        present = set(pq.read_schema(f).names)
+        present = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_string(f)})").fetchall()}
         cols = [c for c in CARD_COLUMNS if c in present]
         sql = (f"SELECT {', '.join(cols)}, file_row_number FROM read_parquet({sql_string(f)}) "
                f"WHERE file_row_number IN (SELECT unnest($1::BIGINT[]))")
@@ -216,7 +215,9 @@ def collect(output_dir: str | Path, samples: int = 24, per_reason: int = 8, dup_
             thumb_px: int = 160) -> ReportData:
     import yaml
 
-    layout = Layout(Path(output_dir).expanduser().resolve())
+    from curate.io.remote import output_root
+
+    layout = Layout(output_root(output_dir))
     stats = output_stats(layout.root)
     text = layout.config.read_text() if layout.config.exists() else ""
     config = (yaml.safe_load(text) or {}) if text else {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Callable
 
 from curate.config import InputConfig
@@ -25,15 +24,14 @@ def _check_unchanged(entry: Entry, when: str, storage: Any = None) -> None:
                          "leave the input alone while a run reads it")
 
 
-def ingest_task(args: tuple[int, Entry, InputConfig, str, str, Any]) -> list[dict]:
+def ingest_task(args: tuple[int, Entry, InputConfig, Layout, str, Any]) -> list[dict]:
     """Ingest one input file unless a previous run already did.
 
     The done marker is named by the file's key (resolved path, size, mtime), not by its
     position, and holds the entry and index it was made for: a marker is reused only for
     the very same file at the same index (its shard ids ``FFFFF-CCCCC`` use the index).
     """
-    index, entry, cfg, root, compression, storage = args  # storage: the config's storage: section
-    layout = Layout(Path(root))
+    index, entry, cfg, layout, compression, storage = args  # storage: the config's storage: section
     marker = layout.done("ingest") / f"{file_key(entry)}.json"
     if marker.exists():
         done = json.loads(marker.read_text())
@@ -65,7 +63,7 @@ class Runner:
     def ingest(self, files: list[Entry], cfg: InputConfig, layout: Layout, compression: str,
                storage: Any = None) -> list[ShardInfo]:
         """Ingest the input manifest's files (in its order: a file's index is its shard id prefix)."""
-        jobs = [(i, f, cfg, str(layout.root), compression, storage) for i, f in enumerate(files)]
+        jobs = [(i, f, cfg, layout, compression, storage) for i, f in enumerate(files)]
         out: list[ShardInfo] = []
         for shards in self.map(ingest_task, jobs):
             out.extend(ShardInfo(**s) for s in shards)

@@ -22,7 +22,6 @@ import os
 import time
 import uuid
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -103,8 +102,7 @@ def _stage_task(batch: pa.Table, params: dict, state: list | None, key: str, ind
     return _timed(stage, index, batch)
 
 
-def _read_entering(batch: pa.Table, root: str, k: int) -> pa.Table:
-    layout = Layout(Path(root))
+def _read_entering(batch: pa.Table, layout: Layout, k: int) -> pa.Table:
     return pa.concat_tables([ShardRows(layout, shard, base).entering(k) for shard, base in
                              zip(batch["shard"].to_pylist(), batch["base"].to_pylist())], promote_options="permissive")
 
@@ -113,14 +111,13 @@ def _read_args() -> dict[str, Any]:
     return {"num_cpus": READ_CPUS}
 
 
-def _write_parts(batch: pa.Table, root: str, k: int, produced: list[str], stage_ids: list[str],
+def _write_parts(batch: pa.Table, layout: Layout, k: int, produced: list[str], stage_ids: list[str],
                  compression: str, final: SegmentJob | None) -> pa.Table:
     """Write the batch's column-group part of each shard in it; report rows and stage seconds per shard.
 
     ``final`` (the last segment: the light job with the bases and row counts of its shards): a shard
     whose rows all arrived in this batch is finished right here -- data/, rejected/, done marker --
     so its rows are not written as a part and read back by a finish task."""
-    layout = Layout(Path(root))
     out: dict[str, list] = defaultdict(list)
     for shard in pc.unique(batch[S.SHARD]).to_pylist():
         part = batch.filter(pc.equal(batch[S.SHARD], shard))
@@ -266,7 +263,7 @@ class RayRunner(Runner):
             # actor pools on small machines).  A ``ray_remote_args_fn`` keeps Ray Data from fusing the read
             # into the first stage: fused, the stage's batch size (in rows) would bundle that many *shards*
             # into one task, and one worker would run the whole segment while the others wait.
-            ds = ds.map_batches(_read_entering, fn_args=(str(job.layout.root), k), batch_size=1,
+            ds = ds.map_batches(_read_entering, fn_args=(job.layout, k), batch_size=1,
                                 batch_format="pyarrow", num_cpus=READ_CPUS, ray_remote_args_fn=_read_args)
             head_state = [ray.put(job.segment.head.state)] if job.segment.head is not None else None
             key = uuid.uuid4().hex
@@ -277,7 +274,7 @@ class RayRunner(Runner):
                 final = job.light()
                 final.inputs = {s: job.inputs[s] for s in todo}
                 final.expected_rows = {s: job.expected_rows[s] for s in todo}
-            write = (str(job.layout.root), k, job.segment.produces, [st.id for st in stages], job.compression, final)
+            write = (job.layout, k, job.segment.produces, [st.id for st in stages], job.compression, final)
             # an actor-pool last stage writes its batches itself: its output (image bytes, embeddings) is not
             # shipped through the object store to a write task
             own_write = bool(stages) and stages[-1].resources.stateful
