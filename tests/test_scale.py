@@ -311,3 +311,27 @@ def test_ray_reads_one_task_per_shard_not_fused_into_the_first_stage(tmp_path, r
     reads = [int(t) for op, t in got if op.startswith("MapBatches(_read_entering)")]
     assert reads == [n // shard], got  # its own operator, one task per shard
     assert read_dir(tmp_path / "out" / "data").num_rows == n
+
+
+def test_a_view_reads_each_row_once_when_a_retried_batch_wrote_overlapping_parts(tmp_path):
+    """Ray may retry a batch with other boundaries: two parts then hold a position; the view keeps one."""
+    from curate.layout import Layout
+    from curate.runners.flow import read_view, view_sources, write_group, write_view
+
+    layout = Layout(tmp_path / "out")
+    base = tmp_path / "base.parquet"
+    pq.write_table(pa.table({S.UID: [f"u{i}" for i in range(6)], S.REJECT_REASON: pa.nulls(6, pa.string())}), base)
+
+    def part(lo: int, hi: int) -> pa.Table:
+        pos = list(range(lo, hi + 1))
+        return pa.table({"__pos": pos, S.PHASH: pa.array([p * 10 for p in pos], pa.uint64()),
+                         S.REJECT_REASON: pa.nulls(len(pos), pa.string())})
+
+    for lo, hi in ((0, 3), (2, 5)):  # positions 2 and 3 are in both parts
+        write_group(layout, 0, "s", part(lo, hi), [S.PHASH], "zstd")
+    cols = [S.UID, S.PHASH]
+    write_view(layout, 1, "s", pa.array(range(6)), base, cols, pa.schema([]), "zstd",
+               view_sources(layout, 1, "s", base, cols))
+    t = read_view(layout.work / "view-1" / "s.parquet", cols)
+    assert t["__pos"].to_pylist() == list(range(6))
+    assert t[S.PHASH].to_pylist() == [0, 10, 20, 30, 40, 50] and t[S.UID].to_pylist() == [f"u{i}" for i in range(6)]

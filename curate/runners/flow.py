@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -251,6 +252,21 @@ def _lit(path: str) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+_PART = re.compile(r"~(\d+)-(\d+)-\d+\.parquet$")
+
+
+def _overlap(files: Iterable[str]) -> bool:
+    """Whether part files of a column group may hold the same position (their names give their ranges)."""
+    ranges = []
+    for f in files:
+        m = _PART.search(str(f))
+        if m is None:
+            return True
+        ranges.append((int(m.group(1)), int(m.group(2))))
+    ranges.sort()
+    return any(b[0] <= a[1] for a, b in zip(ranges, ranges[1:]))
+
+
 def view_sql(path: str | Path, columns: list[str] | None = None) -> str:
     """A DuckDB subquery ``(SELECT ...)`` with the rows of a fit input in position order: for a view, its
     live rows, each column read from the base or column group holding it (joined by position); for a
@@ -271,10 +287,12 @@ def view_sql(path: str | Path, columns: list[str] | None = None) -> str:
         cs = ", ".join(_q(c) for c in cols)
         if base is not None and files == (base,):
             src = f"(SELECT file_row_number AS {_q(POS)}, {cs} FROM read_parquet({_lit(base)}, file_row_number = true))"
-        else:  # a retried Ray batch may have written a part twice: identical rows, one kept
+        else:
             flist = "[" + ", ".join(_lit(f) for f in files) + "]"
-            src = (f"(SELECT {_q(POS)}, {cs} FROM read_parquet({flist}, union_by_name = true) "
-                   f"QUALIFY row_number() OVER (PARTITION BY {_q(POS)}) = 1)")
+            src = f"SELECT {_q(POS)}, {cs} FROM read_parquet({flist}, union_by_name = true)"
+            if _overlap(files):  # a retried Ray batch wrote a part twice: identical rows, one kept (a window
+                src += f" QUALIFY row_number() OVER (PARTITION BY {_q(POS)}) = 1"  # spills: only when needed)
+            src = f"({src})"
         joins.append(f"LEFT JOIN {src} {a} ON {a}.{_q(POS)} = v.{_q(POS)}")
         select += [f"{a}.{_q(c)}" for c in cols]
     if POS not in names:
