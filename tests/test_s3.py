@@ -241,3 +241,21 @@ def test_a_failed_upload_leaves_no_object(s3):
     assert not fs.call_s3("list_multipart_uploads", Bucket=BUCKET).get("Uploads")  # aborted, not left open
     write_bytes_atomic(b"whole", target)
     assert fs.cat(f"{BUCKET}/atomic/shard.parquet") == b"whole"
+
+
+def test_the_work_folder_must_be_a_filesystem_and_a_uri_output_gets_its_own(tmp_path, monkeypatch):
+    from curate.config import Config
+    from curate.pipeline import output_layout
+
+    base = {"input": {"path": "in.parquet"}, "stages": []}
+    with pytest.raises(ValueError, match="work_path must be a local or shared folder"):
+        Config.model_validate({**base, "output": {"path": "s3://b/o", "work_path": "s3://b/w"}})
+    monkeypatch.setenv("CURATE_WORK_HOME", str(tmp_path / "home"))
+    a = output_layout(Config.model_validate({**base, "output": {"path": "s3://b/one"}}))
+    b = output_layout(Config.model_validate({**base, "output": {"path": "s3://b/two/"}}))
+    assert str(a.root) == "s3://b/one" and a.work.parent == tmp_path / "home" and a.work != b.work
+    assert a.data == a.root / "data" and not str(a.work).startswith("s3:")
+    local = output_layout(Config.model_validate({**base, "output": {"path": str(tmp_path / "o")}}))
+    assert local.work == tmp_path / "o" / "_work"  # a local output keeps its _work/
+    same = Config.model_validate({**base, "output": {"path": "s3://b/one", "work_path": str(tmp_path / "w")}})
+    assert same.work_hash() == Config.model_validate({**base, "output": {"path": "s3://b/one"}}).work_hash()
