@@ -41,15 +41,6 @@ class FitContext:
         remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
         return ray.get([remote.remote(x) for x in items])
 
-    def duckdb(self, threads: int | None = None):
-        """A fresh in-memory DuckDB connection that spills to ``work_dir``."""
-        import duckdb
-
-        con = duckdb.connect(config={"temp_directory": str(self.work_dir / "duckdb_tmp")})
-        if threads:
-            con.execute(f"SET threads = {int(threads)}")
-        return con
-
     def parquet_list_sql(self) -> str:
         """The input files as a DuckDB list literal for ``read_parquet(...)``."""
         quoted = ", ".join("'" + p.replace("'", "''") + "'" for p in self.paths)

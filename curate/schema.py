@@ -79,7 +79,6 @@ SHARD = _col("_shard", pa.string(), "work shard id")
 BASE_COLUMNS = (UID, URL, CAPTION, SOURCE_FILE, SOURCE_ROW)
 #: Rejection bookkeeping columns, present on every row from ingest on.
 REJECT_COLUMNS = (REJECT_REASON, REJECT_STAGE, REJECT_DETAIL, ERROR_TYPE)
-INTERNAL_COLUMNS = (SHARD,)
 
 
 def is_internal(name: str) -> bool:

@@ -121,18 +121,3 @@ def _check_same_rows(stage: "Stage", before: pa.Table, after: pa.Table) -> None:
             f"stage {stage.id!r} returned {after.num_rows} rows for {before.num_rows}: "
             "a stage must return every row it is given, in order (reject, never drop)"
         )
-
-
-def concat(tables: list[pa.Table]) -> pa.Table:
-    tables = [t for t in tables if t is not None]
-    if not tables:
-        raise ValueError("nothing to concatenate")
-    return pa.concat_tables(tables, promote_options="permissive")
-
-
-def count_by(table: pa.Table, column: str, where: pa.Array | None = None) -> dict[str, int]:
-    t = table if where is None else table.filter(where)
-    if t.num_rows == 0:
-        return {}
-    vc = pc.value_counts(t[column])
-    return {str(v["values"]): int(v["counts"]) for v in vc.to_pylist() if v["values"] is not None}

@@ -10,7 +10,9 @@
 A row is kept when it passes every condition that is set.  The threshold is found
 exactly in bounded memory (:mod:`curate.radix_select`: two histogram passes over the
 float32 bit patterns, per chunk of shards, in parallel under Ray).  Rejected rows get
-``perplexity`` (a missing perplexity too); the threshold is in stats.json (``describe()``).
+``perplexity_too_low`` (below ``min_perplexity``) or ``perplexity_too_high`` (above ``max_perplexity``
+or the ``keep_fraction`` threshold, and a missing perplexity); before 0.x both were ``perplexity``
+(an alias kept in CONTRACT.md).  The threshold is in stats.json (``describe()``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from curate.stage import GlobalStage, Resources, StageParams
 
 log = logging.getLogger(__name__)
 
-REASON = "perplexity"
+TOO_HIGH, TOO_LOW = "perplexity_too_high", "perplexity_too_low"
 
 
 class PerplexityFilterParams(StageParams):
@@ -105,7 +107,9 @@ class PerplexityFilter(GlobalStage):
         if ok.all():
             return table
         detail = [None if good else self._why(v) for good, v in zip(ok.tolist(), x)]
-        return self.reject(table, ~ok, REASON, detail)
+        low = ~ok & (x < np.float32(p.min_perplexity)) if p.min_perplexity is not None else np.zeros_like(ok)
+        reason = pa.array(np.where(low, TOO_LOW, TOO_HIGH))
+        return self.reject(table, ~ok, reason, detail)
 
     def describe(self) -> dict[str, Any]:
         p = self.params

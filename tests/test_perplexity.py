@@ -241,7 +241,10 @@ def _run_filter(shards: list[pa.Table], tmp_path, runner: str, **params) -> set[
     for t in shards:
         out = stage.run_batch(t)
         newly = pc.equal(pc.fill_null(out[S.REJECT_STAGE], ""), "perplexity")
-        assert set(out.filter(newly)[S.REJECT_REASON].to_pylist()) <= {"perplexity"}
+        gone = out.filter(newly)
+        for reason, v in zip(gone[S.REJECT_REASON].to_pylist(), gone[S.CAPTION_PERPLEXITY].to_pylist()):
+            low = params.get("min_perplexity") is not None and v is not None and v < params["min_perplexity"]
+            assert reason == ("perplexity_too_low" if low else "perplexity_too_high"), (reason, v)
         kept |= set(out.filter(pc.is_null(out[S.REJECT_REASON]))["uid"].to_pylist())
     return kept
 

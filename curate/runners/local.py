@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 from curate.config import RunnerConfig
 from curate.progress import progress
 from curate.runners.base import Runner
 from curate.runners.common import SegmentJob, finish_shard, run_stage_local
-
-log = logging.getLogger(__name__)
 
 
 class LocalRunner(Runner):
@@ -19,12 +15,11 @@ class LocalRunner(Runner):
         self.cfg = cfg
 
     def run_segment(self, job: SegmentJob) -> dict[str, float]:
-        """Seconds are recorded per shard in its done marker, so nothing is returned.
+        """Seconds are recorded per shard in its done marker (stats add them up), so nothing is returned.
 
         The segment's stages are set up when it starts and torn down when it ends, so the models
         of different segments (CLIP, the language model, the captioner) are never loaded together.
         """
-        timing: dict[str, float] = {}
         stages = job.segment.stages
         names = " → ".join(s.id for s in stages) or "write"
         try:
@@ -38,11 +33,8 @@ class LocalRunner(Runner):
                     for st in stages:
                         table = run_stage_local(st, table, shard_timing)
                     finish_shard(job, shard, table, shard_timing, rows)
-                    for k, v in shard_timing.items():
-                        timing[k] = timing.get(k, 0.0) + v
                     bar.advance(1)
         finally:
             for st in stages:
                 st.ensure_teardown()
-        log.debug("segment %d seconds: %s", job.segment.index, timing)
         return {}
