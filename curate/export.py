@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 import uuid
 from pathlib import Path
@@ -77,72 +78,49 @@ def _kept_rows(output_dir: Path, columns: str, where: str | None,
     return con, reader
 
 
-_BLOCK = 512
-_RECORD = 20 * _BLOCK  # tar archives end on a record boundary (as Python's tarfile writes them)
-
-
-_MODE_IDS = b"0000644\0" + b"0000000\0" * 2  # header bytes 100-124: mode 644, uid 0, gid 0
-_MTIME = b"00000000000\0"  # 136-148: mtime 0
-_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 247  # 156-512: regular file, ustar magic, no names
-_CONST_SUM = sum(_MODE_IDS) + sum(_MTIME) + sum(_TAIL) + 8 * ord(" ")  # checksum counts its own field as spaces
-
-
-def ustar_header(name: str, size: int) -> bytes:
-    """A POSIX ustar header for a regular file: mode 644, uid/gid 0, mtime 0, no user names.
-
-    Byte-identical to what ``tarfile`` writes for the same TarInfo, many times faster (the
-    export's hot loop writes three members per sample).
-    """
-    raw = name.encode()
-    if len(raw) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
-    size_field = b"%011o\0" % size
-    chksum = _CONST_SUM + sum(raw) + sum(size_field)
-    return raw.ljust(100, b"\0") + _MODE_IDS + size_field + _MTIME + b"%06o\0 " % chksum + _TAIL
-
-
 class _TarShards:
-    """Writes numbered tar shards of at most ``shard_size`` samples, each atomically."""
+    """Writes numbered tar shards (``tarfile``, ustar, mode 644, mtime 0: reproducible byte for byte) of at
+    most ``shard_size`` samples, each atomically: a local shard is renamed into place when complete; on
+    object storage its upload completes only then (an aborted shard's upload is discarded)."""
 
-    def __init__(self, dest: Path, shard_size: int) -> None:
+    def __init__(self, dest: Any, shard_size: int) -> None:
         self.dest, self.shard_size = dest, shard_size
         self.shards: list[dict[str, Any]] = []
-        self._f: io.BufferedWriter | None = None
+        self._f: Any = None
+        self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
-        self._count = self._pos = 0
+        self._count = 0
 
     def _open(self) -> None:
         name = f"{len(self.shards):05d}.tar"
-        if is_remote(self.dest):  # object storage: the object appears when its upload completes
+        if is_remote(self.dest):
             self._tmp = None
             self._f = self.dest.fs.open((self.dest / name).path, "wb")
         else:
             self._tmp = self.dest / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
             self._f = open(self._tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._f, mode="w", format=tarfile.USTAR_FORMAT)
         self.shards.append({"name": name, "samples": 0})
-        self._count = self._pos = 0
+        self._count = 0
 
     def _close(self) -> None:
         if self._f is not None:
-            end = self._pos + 2 * _BLOCK
-            pad = b"\0" * (2 * _BLOCK + (-end) % _RECORD)
-            self._f.write(pad)
+            self._tar.close()  # end-of-archive blocks, padded to a whole record
+            size = self._f.tell()
             self._f.close()
             if self._tmp is not None:
                 os.replace(self._tmp, self.dest / self.shards[-1]["name"])
-            self.shards[-1]["bytes"] = self._pos + len(pad)
-            self._f = None
+            self.shards[-1]["bytes"] = size
+            self._f = self._tar = None
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         if self._f is None or self._count >= self.shard_size:
             self._close()
             self._open()
-        parts = []
         for ext, data in members:
-            parts += [ustar_header(f"{key}.{ext}", len(data)), data, b"\0" * ((-len(data)) % _BLOCK)]
-        blob = b"".join(parts)
-        self._f.write(blob)
-        self._pos += len(blob)
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
         self._count += 1
         self.shards[-1]["samples"] += 1
 
@@ -155,7 +133,7 @@ class _TarShards:
                 self._f.close()
                 self._tmp.unlink(missing_ok=True)
             self.shards.pop()
-            self._f = None
+            self._f = self._tar = None
 
     def finish(self) -> None:
         self._close()

@@ -146,17 +146,6 @@ def test_export_webdataset(demo_run_local, tmp_path, capsys):
     con.close()
 
 
-def test_tar_headers_are_the_ones_tarfile_writes():
-    import tarfile
-
-    from curate.export import ustar_header
-
-    for name, size in (("demo-00001.jpg", 14795), ("k" * 80 + ".json", 0), ("a.txt", 8 * 1024**3 - 1)):
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
-        assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-
-
 def test_export_datacomp_uids(demo_run_local, tmp_path, capsys):
     syn = make_output(tmp_path / "syn")
     dest = tmp_path / "subset.npy"
