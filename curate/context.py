@@ -19,8 +19,8 @@ class FitContext:
     paths: list[str]
     #: a directory private to this stage where it may write its state (kept for resume)
     work_dir: Path
-    #: "local" or "ray"
-    runner: str = "local"
+    #: the runner that runs ``map`` (a ``Runner``), or its kind ("local" / "ray": Ray already initialised)
+    runner: Any = "local"
     #: how many tasks the runner can run at once
     parallelism: int = 1
     #: total rows in ``paths``
@@ -34,12 +34,18 @@ class FitContext:
         Under Ray even a lone item runs as a task: the driver only coordinates, so its memory does
         not grow with the corpus."""
         items = list(items)
-        if self.runner != "ray" or not items:
+        if not isinstance(self.runner, str):
+            return self.runner.map(fn, items, num_cpus=num_cpus, num_gpus=num_gpus)
+        if self.runner != "ray":
             return [fn(x) for x in items]
-        import ray
+        from curate.runners.ray_runner import ray_map
 
-        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
-        return ray.get([remote.remote(x) for x in items])
+        return ray_map(fn, items, num_cpus=num_cpus, num_gpus=num_gpus)
+
+    @property
+    def kind(self) -> str:
+        """The runner's kind: "local" or "ray"."""
+        return self.runner if isinstance(self.runner, str) else self.runner.kind
 
     def parquet_list_sql(self) -> str:
         """The input files as a DuckDB list literal for ``read_parquet(...)``."""

@@ -200,7 +200,7 @@ def _fit(stage: GlobalStage, inputs: dict[str, str], rows: int, runner: Runner, 
         stage.set_state(pickle.loads(state_file.read_bytes()))
         return
     state_dir.mkdir(parents=True, exist_ok=True)
-    ctx = FitContext(sorted(inputs.values()), state_dir, runner.kind, runner.parallelism, rows)
+    ctx = FitContext(sorted(inputs.values()), state_dir, runner, runner.parallelism, rows)
     t0 = time.perf_counter()
     stage.set_state(stage.fit(ctx))
     write_bytes_atomic(pickle.dumps(stage.state), state_file)

@@ -57,7 +57,9 @@ class Runner:
     def __exit__(self, *exc: Any) -> None:
         pass
 
-    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    def map(self, fn: Callable[[Any], Any], items: list[Any], num_cpus: float = 1.0,
+            num_gpus: float = 0.0) -> list[Any]:
+        """``[fn(x) for x in items]``; a distributed runner runs them as tasks of these resources."""
         return [fn(x) for x in items]
 
     def ingest(self, files: list[Entry], cfg: InputConfig, layout: Layout, compression: str,

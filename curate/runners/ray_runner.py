@@ -147,6 +147,17 @@ def _finish(job: SegmentJob, shard: str, inputs: dict[str, str], expected: dict[
     return finish_shard(job, shard, rows.entering(job.segment.index), seconds, rows)
 
 
+def ray_map(fn: Callable[[Any], Any], items: list[Any], num_cpus: float = 1.0, num_gpus: float = 0.0) -> list[Any]:
+    """``[fn(x) for x in items]`` as Ray tasks (order kept).  Even a lone item runs as a task: the
+    driver only coordinates, so its memory does not grow with the corpus."""
+    import ray
+
+    if not items:
+        return []
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
+    return ray.get([remote.remote(x) for x in items])
+
+
 class RayRunner(Runner):
     kind = "ray"
 
@@ -175,13 +186,9 @@ class RayRunner(Runner):
             self._session.__exit__(*exc)
             self._session = None
 
-    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-        import ray
-
-        if len(items) <= 1:
-            return [fn(x) for x in items]
-        remote = ray.remote(num_cpus=1)(fn)
-        return ray.get([remote.remote(x) for x in items])
+    def map(self, fn: Callable[[Any], Any], items: list[Any], num_cpus: float = 1.0,
+            num_gpus: float = 0.0) -> list[Any]:
+        return ray_map(fn, items, num_cpus=num_cpus, num_gpus=num_gpus)
 
     def _pool_size(self, stage: Stage) -> tuple[int, int]:
         res = stage.resources

@@ -450,7 +450,7 @@ class DedupSemantic(DedupStage):
 
     def _device(self, ctx: Any) -> tuple[str, float]:
         p: DedupSemanticParams = self.params  # type: ignore[assignment]
-        if ctx.runner == "ray" and p.device != "cpu":
+        if ctx.kind == "ray" and p.device != "cpu":
             import ray
 
             if ray.cluster_resources().get("GPU", 0) > 0:
