@@ -25,11 +25,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from curate import schema as S
+from curate.table_ops import add_missing, mark_rejected, prepare_for_stages
 
 if TYPE_CHECKING:  # pragma: no cover
     from curate.context import FitContext
@@ -161,8 +163,6 @@ class Stage:
         error_type: str | pa.Array | list[str | None] | None = None,
     ) -> pa.Table:
         """Mark rows where ``mask`` is true (and not already rejected) as rejected."""
-        from curate.table_ops import mark_rejected
-
         return mark_rejected(table, mask, reason, self.id, detail, error_type)
 
     # -- running -----------------------------------------------------------------
@@ -172,18 +172,48 @@ class Stage:
         Only rows not yet rejected are given to ``process``; the others pass
         through with null output columns.  The row count is checked.
         """
-        from curate.table_ops import apply_to_active
-
         self.ensure_setup()
         return apply_to_active(self, table)
 
     def __call__(self, table: pa.Table) -> StageResult:
         """Notebook entry point: ``clip_filter(table).kept``."""
-        from curate.table_ops import prepare_for_stages
-
         t0 = time.perf_counter()
         out = self.run_batch(prepare_for_stages(table))
         return StageResult(out, self.id, time.perf_counter() - t0)
+
+
+def apply_to_active(stage: "Stage", table: pa.Table) -> pa.Table:
+    """Run ``stage.process`` on the rows of ``table`` not yet rejected; keep order and count."""
+    missing = [c for c in stage.needs if c not in table.column_names]
+    if missing:
+        raise StageError(f"stage {stage.id!r} needs column(s) {missing} that no earlier stage produced")
+    fields = stage.output_fields()
+    active = pc.is_null(table[S.REJECT_REASON])
+    n_active = pc.sum(active).as_py() or 0
+    if n_active == 0:
+        return add_missing(table, fields)
+    if n_active == table.num_rows:
+        out = stage.process(table)
+        _check_same_rows(stage, table, out)
+        return add_missing(out, fields)
+    idx_active = pc.indices_nonzero(active)
+    idx_passive = pc.indices_nonzero(pc.invert(active))
+    part = table.take(idx_active)
+    out = stage.process(part)
+    _check_same_rows(stage, part, out)
+    out = add_missing(out, fields)
+    passive = add_missing(table.take(idx_passive), fields)
+    merged = pa.concat_tables([out, passive.select(out.column_names)], promote_options="permissive")
+    order = np.argsort(np.concatenate([idx_active.to_numpy(), idx_passive.to_numpy()]), kind="stable")
+    return merged.take(pa.array(order))
+
+
+def _check_same_rows(stage: "Stage", before: pa.Table, after: pa.Table) -> None:
+    if after.num_rows != before.num_rows or not after[S.UID].equals(before[S.UID]):
+        raise StageError(
+            f"stage {stage.id!r} returned {after.num_rows} rows for {before.num_rows}: "
+            "a stage must return every row it is given, in order (reject, never drop)"
+        )
 
 
 def release_memory() -> None:
@@ -227,7 +257,6 @@ class GlobalStage(Stage):
     def __call__(self, table: pa.Table) -> StageResult:
         """Notebook entry point: fit on this table alone, then apply."""
         from curate.context import FitContext
-        from curate.table_ops import prepare_for_stages
 
         t0 = time.perf_counter()
         table = prepare_for_stages(table)

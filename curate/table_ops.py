@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema as S
-
-if TYPE_CHECKING:  # pragma: no cover
-    from curate.stage import Stage
 
 
 def stable_uid(url: str | None, caption: str | None) -> str:
@@ -76,48 +71,10 @@ def mark_rejected(
     return table
 
 
-def _add_missing(table: pa.Table, fields: list[pa.Field]) -> pa.Table:
+def add_missing(table: pa.Table, fields: list[pa.Field]) -> pa.Table:
     for f in fields:
         if f.name not in table.column_names:
             table = table.append_column(f, pa.nulls(table.num_rows, f.type))
         elif table.schema.field(f.name).type != f.type:
             table = with_column(table, f.name, table[f.name].cast(f.type))
     return table
-
-
-def apply_to_active(stage: "Stage", table: pa.Table) -> pa.Table:
-    """Run ``stage.process`` on the rows of ``table`` not yet rejected; keep order and count."""
-    from curate.stage import StageError
-
-    missing = [c for c in stage.needs if c not in table.column_names]
-    if missing:
-        raise StageError(f"stage {stage.id!r} needs column(s) {missing} that no earlier stage produced")
-    fields = stage.output_fields()
-    active = pc.is_null(table[S.REJECT_REASON])
-    n_active = pc.sum(active).as_py() or 0
-    if n_active == 0:
-        return _add_missing(table, fields)
-    if n_active == table.num_rows:
-        out = stage.process(table)
-        _check_same_rows(stage, table, out)
-        return _add_missing(out, fields)
-    idx_active = pc.indices_nonzero(active)
-    idx_passive = pc.indices_nonzero(pc.invert(active))
-    part = table.take(idx_active)
-    out = stage.process(part)
-    _check_same_rows(stage, part, out)
-    out = _add_missing(out, fields)
-    passive = _add_missing(table.take(idx_passive), fields)
-    merged = pa.concat_tables([out, passive.select(out.column_names)], promote_options="permissive")
-    order = np.argsort(np.concatenate([idx_active.to_numpy(), idx_passive.to_numpy()]), kind="stable")
-    return merged.take(pa.array(order))
-
-
-def _check_same_rows(stage: "Stage", before: pa.Table, after: pa.Table) -> None:
-    from curate.stage import StageError
-
-    if after.num_rows != before.num_rows or not after[S.UID].equals(before[S.UID]):
-        raise StageError(
-            f"stage {stage.id!r} returned {after.num_rows} rows for {before.num_rows}: "
-            "a stage must return every row it is given, in order (reject, never drop)"
-        )
