@@ -165,6 +165,12 @@ class Stage:
         """Mark rows where ``mask`` is true (and not already rejected) as rejected."""
         return mark_rejected(table, mask, reason, self.id, detail, error_type)
 
+    @property
+    def needs_fit(self) -> bool:
+        """Whether the stage needs a corpus-wide pass (``fit``) before ``process``: such a stage opens a
+        segment.  It follows from the parameters (``clip_score`` with ``min_score`` is a map)."""
+        return False
+
     # -- running -----------------------------------------------------------------
     def run_batch(self, table: pa.Table) -> pa.Table:
         """Apply the stage to a batch that may hold already-rejected rows.
@@ -236,6 +242,10 @@ class GlobalStage(Stage):
 
     kind: ClassVar[str] = "global"
 
+    @property
+    def needs_fit(self) -> bool:
+        return True
+
     def fit(self, ctx: "FitContext") -> Any:
         """Compute the global state (bounded memory; may use ``ctx.map`` for parallelism)."""
         raise NotImplementedError
@@ -256,6 +266,8 @@ class GlobalStage(Stage):
 
     def __call__(self, table: pa.Table) -> StageResult:
         """Notebook entry point: fit on this table alone, then apply."""
+        if not self.needs_fit:
+            return super().__call__(table)
         from curate.context import FitContext
 
         t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from curate import schema as S
 from curate.registry import register
-from curate.stage import GlobalStage, MapStage, Resources, StageParams
+from curate.stage import GlobalStage, Resources, StageParams
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ClipScoreParams(StageParams):
         return self
 
 
-def _keep_at_least(stage: MapStage | GlobalStage, table: pa.Table, threshold: float | None, rule: str) -> pa.Table:
+def _keep_at_least(stage: GlobalStage, table: pa.Table, threshold: float | None, rule: str) -> pa.Table:
     """Reject rows with no score or (when ``threshold`` is set) a score below it."""
     x = table[S.CLIP_SCORE].to_numpy(zero_copy_only=False).astype(np.float32)  # null -> NaN
     missing = np.isnan(x)
@@ -55,22 +55,6 @@ def _keep_at_least(stage: MapStage | GlobalStage, table: pa.Table, threshold: fl
     return stage.reject(table, bad.tolist(), REASON, detail)
 
 
-class ClipScoreMin(MapStage):
-    """``clip_score`` with ``min_score``: built by :class:`ClipScoreFilter` (same name and params)."""
-
-    name = "clip_score"
-    Params = ClipScoreParams
-    needs = (S.CLIP_SCORE,)
-    default_resources = Resources(num_cpus=0.25, batch_size=65536)
-    params: ClipScoreParams
-
-    def process(self, table: pa.Table) -> pa.Table:
-        return _keep_at_least(self, table, self.params.min_score, "min_score")
-
-    def describe(self) -> dict[str, Any]:
-        return {"min_score": self.params.min_score}
-
-
 @register
 class ClipScoreFilter(GlobalStage):
     name = "clip_score"
@@ -79,14 +63,10 @@ class ClipScoreFilter(GlobalStage):
     default_resources = Resources(num_cpus=0.25, batch_size=65536)
     params: ClipScoreParams
 
-    def __new__(cls, params: StageParams | dict | None = None, **kwargs: Any):
-        # min_score needs no global pass: build the map-stage variant, so no segment boundary is added
-        if cls is ClipScoreFilter:
-            p = params if isinstance(params, StageParams) else ClipScoreParams.model_validate(
-                {"stage": "clip_score", **(params or {}), **kwargs})
-            if p.top_fraction is None:
-                return ClipScoreMin(p)
-        return super().__new__(cls)
+    @property
+    def needs_fit(self) -> bool:
+        """Only ``top_fraction`` needs the whole corpus; ``min_score`` is a plain map (no segment boundary)."""
+        return self.params.top_fraction is not None
 
     def fit(self, ctx) -> Any:
         from curate.radix_select import select_rank
@@ -103,8 +83,12 @@ class ClipScoreFilter(GlobalStage):
         return state
 
     def process(self, table: pa.Table) -> pa.Table:
+        if not self.needs_fit:
+            return _keep_at_least(self, table, self.params.min_score, "min_score")
         rule = f"top {self.params.top_fraction:g} threshold"
         return _keep_at_least(self, table, (self.state or {}).get("threshold"), rule)
 
     def describe(self) -> dict[str, Any]:
+        if not self.needs_fit:
+            return {"min_score": self.params.min_score}
         return {"top_fraction": self.params.top_fraction, **(self.state or {})}

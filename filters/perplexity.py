@@ -58,6 +58,11 @@ class PerplexityFilter(GlobalStage):
     default_resources = Resources(num_cpus=0.5, batch_size=65536)
     params: PerplexityFilterParams
 
+    @property
+    def needs_fit(self) -> bool:
+        """Only ``keep_fraction`` needs the whole corpus; a min/max range is a plain map (no segment boundary)."""
+        return self.params.keep_fraction is not None
+
     def fit(self, ctx) -> Any:
         from curate.radix_select import select_rank
 

@@ -13,7 +13,6 @@ import pytest
 
 import curate
 from curate import schema as S
-from curate.stage import GlobalStage, MapStage
 from helpers import read_dir
 from test_clip import TINY
 
@@ -78,11 +77,18 @@ def test_top_fraction_is_datacomps_rule_with_ties(fraction):
     assert res.kept.num_rows >= min(n + 1, len(valid))
 
 
-def test_min_score_is_a_map_stage_top_fraction_a_global_one():
+def test_min_score_needs_no_fit_top_fraction_does():
     t = _base(6, **{S.CLIP_SCORE: pa.array([0.1, 0.28, 0.2799999, None, 0.5, -0.3], pa.float32())})
+    from curate.runners.common import split_segments
+
     st = curate.create_stage("clip_score", min_score=0.28)
-    assert isinstance(st, MapStage) and not isinstance(st, GlobalStage)
-    assert isinstance(curate.create_stage("clip_score", top_fraction=0.3), GlobalStage)
+    top = curate.create_stage("clip_score", top_fraction=0.3)
+    assert not st.needs_fit and top.needs_fit  # one class: the parameters decide
+    rng = curate.create_stage("perplexity", max_perplexity=100.0)
+    assert not rng.needs_fit and curate.create_stage("perplexity", keep_fraction=0.5).needs_fit
+    emb = curate.create_stage("caption", min_words=2)
+    assert [len(s.stages) for s in split_segments([emb, st, rng])] == [3]  # no segment boundary
+    assert [s.head for s in split_segments([emb, top, rng])][1] is top
     res = st(t)
     assert res.kept[S.UID].to_pylist() == ["r00001", "r00004"]
     details = dict(zip(res.table[S.UID].to_pylist(), res.table[S.REJECT_DETAIL].to_pylist()))

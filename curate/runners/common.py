@@ -44,9 +44,9 @@ class Segment:
 def split_segments(stages: list[Stage]) -> list[Segment]:
     segments: list[Segment] = []
     for st in stages:
-        if isinstance(st, GlobalStage) or not segments:
-            segments.append(Segment(len(segments), st if isinstance(st, GlobalStage) else None))
-            if isinstance(st, GlobalStage):
+        if st.needs_fit or not segments:
+            segments.append(Segment(len(segments), st if st.needs_fit else None))
+            if st.needs_fit:
                 continue
         segments[-1].maps.append(st)
     return segments
