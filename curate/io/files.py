@@ -140,8 +140,19 @@ def _atomic(path: Any, write: Callable[[Any], None]) -> None:
             log.warning("could not remove the temp file %s", tmp)
 
 
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth dictionary-encoding: all but float vectors (embeddings), whose distinct values fill a
+    dictionary that costs more than it saves (a 100-row group of float16 embeddings: 28% larger)."""
+    def vector(t: pa.DataType) -> bool:
+        return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+            and pa.types.is_floating(t.value_type)
+
+    return [f.name for f in schema if not vector(f.type)]
+
+
 def write_parquet_atomic(table: pa.Table, path: Any, compression: str = "zstd") -> None:
-    _atomic(path, lambda f: pq.write_table(table, f, compression=None if compression == "none" else compression))
+    _atomic(path, lambda f: pq.write_table(table, f, compression=None if compression == "none" else compression,
+                                           use_dictionary=_dictionary_columns(table.schema)))
 
 
 def write_bytes_atomic(data: bytes, path: Any) -> None:
