@@ -159,6 +159,7 @@ def test_refusal_is_one_line_on_the_cli(tmp_path):
 
 def test_ingest_markers_are_keyed_by_file(tmp_path):
     from curate.config import InputConfig
+    from curate.layout import Layout
     from curate.runners.base import ingest_task
 
     d = _input_dir(tmp_path)
@@ -177,9 +178,9 @@ def test_ingest_markers_are_keyed_by_file(tmp_path):
     # a marker is reused only for the same file at the same index: elsewhere the file is ingested again
     a = manifest["files"][0]
     cfg = InputConfig(path=str(d), shard_size=5)
-    assert [s["shard"] for s in ingest_task((0, a, cfg, str(out), "zstd", None))] == \
+    assert [s["shard"] for s in ingest_task((0, a, cfg, Layout(out), "zstd", None))] == \
         [s["shard"] for s in markers[file_key(a)]["shards"]]
-    again = ingest_task((7, a, cfg, str(out), "zstd", None))
+    again = ingest_task((7, a, cfg, Layout(out), "zstd", None))
     assert [s["shard"] for s in again] == ["00007-00000", "00007-00001", "00007-00002"]
 
 
