@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from curate import schema as S
 from curate.io.files import InputError, write_json_atomic
-from curate.io.remote import is_remote, output_root
+from curate.io.remote import abort_upload, is_remote, output_root
 from curate.query import connect
 
 BATCH_ROWS = 2048
@@ -127,8 +127,7 @@ class _TarShards:
     def abort(self) -> None:
         if self._f is not None:
             if self._tmp is None:
-                self._f.discard()  # the multipart upload is aborted
-                self._f.closed = True
+                abort_upload(self._f)
             else:
                 self._f.close()
                 self._tmp.unlink(missing_ok=True)

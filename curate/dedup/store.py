@@ -74,7 +74,7 @@ def read_sql(paths: list[str]) -> str:
     by :func:`curate.runners.flow.view_sql`: columns joined by position from where they were made)."""
     from curate.runners.flow import view_refs, view_sql
 
-    if not any(view_refs(p) for p in paths[:1]):
+    if not paths or not view_refs(paths[0]):  # fit inputs are all views or all plain files
         return f"read_parquet({sql_list(paths)}, union_by_name = true)"
     return "(" + " UNION ALL BY NAME ".join(f"SELECT * FROM {view_sql(p)}" for p in paths) + ")"
 

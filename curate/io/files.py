@@ -109,16 +109,14 @@ def _atomic(path: Any, write: Callable[[Any], None]) -> None:
     Any OSError (disk full, file too large, permission denied...) becomes one whose
     message names ``path``; the temp file is removed.
     """
-    from curate.io.remote import is_remote
+    from curate.io.remote import abort_upload, is_remote
 
     if is_remote(path):
         f = path.fs.open(path.path, "wb")
         try:
             write(f)
         except BaseException:
-            if hasattr(f, "discard"):
-                f.discard()  # the multipart upload is aborted: no object appears
-                f.closed = True
+            abort_upload(f)
             raise
         try:
             f.close()

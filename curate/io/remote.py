@@ -64,7 +64,7 @@ def input_path(spec: str, storage: Any = None) -> Any:
 def output_root(spec: Any, storage: Any = None) -> Any:
     """An output directory: a local ``Path`` (resolved), or a ``UPath`` for a URI (credentials and
     endpoint from ``storage`` and the environment, e.g. ``AWS_ENDPOINT_URL``)."""
-    if not isinstance(spec, (str, Path)) or (isinstance(spec, Path) and is_remote(spec)):
+    if not isinstance(spec, (str, Path)):
         return spec  # already a UPath
     if is_uri(spec):
         return upath(str(spec).rstrip("/"), storage)
@@ -93,6 +93,14 @@ def remove(path: Any) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def abort_upload(f: Any) -> None:
+    """Give up an object being written (an fsspec file opened "wb"): its multipart upload is aborted, so no
+    object appears, and closing it later commits nothing."""
+    if hasattr(f, "discard"):
+        f.discard()
+        f.closed = True
 
 
 def register(con: Any, root: Any) -> None:

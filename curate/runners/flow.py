@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import schema as S
+from curate.dedup.store import arrow, sql_list
 from curate.io.files import write_parquet_atomic
 from curate.layout import Layout
 
@@ -212,9 +213,10 @@ def write_view(layout: Layout, k: int, shard: str, live_pos: pa.Array, base_path
     write_parquet_atomic(out, view_path(layout, k, shard), compression)
 
 
-def _view_meta(path: str | Path) -> tuple[dict[str, list[str]], str | None]:
-    """(column -> the files holding it, the base file) of a fit view; ({}, None) for a plain Parquet file."""
-    md = pq.read_schema(path).metadata or {}
+def _view_meta(path: str | Path, schema: pa.Schema | None = None) -> tuple[dict[str, list[str]], str | None]:
+    """(column -> the files holding it, the base file) of a fit view; ({}, None) for a plain Parquet file.
+    ``schema``: the file's schema when already read."""
+    md = (schema if schema is not None else pq.read_schema(path)).metadata or {}
     raw = md.get(REFS.encode())
     if not raw:
         return {}, None
@@ -248,10 +250,6 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _lit(path: str) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
 _PART = re.compile(r"~(\d+)-(\d+)-\d+\.parquet$")
 
 
@@ -271,11 +269,12 @@ def view_sql(path: str | Path, columns: list[str] | None = None) -> str:
     """A DuckDB subquery ``(SELECT ...)`` with the rows of a fit input in position order: for a view, its
     live rows, each column read from the base or column group holding it (joined by position); for a
     plain Parquet file, the file.  ``columns``: those (of :func:`view_schema`) only; None: all."""
-    refs, base = _view_meta(path)
-    own = pq.read_schema(path).names
+    own_schema = pq.read_schema(path)
+    refs, base = _view_meta(path, own_schema)
+    own = own_schema.names
     names = list(own) + [c for c in refs if c not in own] if columns is None else list(dict.fromkeys(columns))
     if not refs:
-        return f"(SELECT {', '.join(_q(c) for c in names if c in own) or '*'} FROM read_parquet({_lit(str(path))}))"
+        return f"(SELECT {', '.join(_q(c) for c in names if c in own) or '*'} FROM read_parquet({sql_list([path])}))"
     by_files: dict[tuple[str, ...], list[str]] = {}
     for c in names:
         if c in refs and c not in own:
@@ -286,9 +285,9 @@ def view_sql(path: str | Path, columns: list[str] | None = None) -> str:
         a = f"s{i}"
         cs = ", ".join(_q(c) for c in cols)
         if base is not None and files == (base,):
-            src = f"(SELECT file_row_number AS {_q(POS)}, {cs} FROM read_parquet({_lit(base)}, file_row_number = true))"
+            src = f"(SELECT file_row_number AS {_q(POS)}, {cs} FROM read_parquet({sql_list([base])}, file_row_number = true))"
         else:
-            flist = "[" + ", ".join(_lit(f) for f in files) + "]"
+            flist = sql_list(list(files))
             src = f"SELECT {_q(POS)}, {cs} FROM read_parquet({flist}, union_by_name = true)"
             if _overlap(files):  # a retried Ray batch wrote a part twice: identical rows, one kept (a window
                 src += f" QUALIFY row_number() OVER (PARTITION BY {_q(POS)}) = 1"  # spills: only when needed)
@@ -297,7 +296,7 @@ def view_sql(path: str | Path, columns: list[str] | None = None) -> str:
         select += [f"{a}.{_q(c)}" for c in cols]
     if POS not in names:
         select.append(f"v.{_q(POS)}")
-    return (f"(SELECT {', '.join(select)} FROM read_parquet({_lit(str(path))}) v {' '.join(joins)} "
+    return (f"(SELECT {', '.join(select)} FROM read_parquet({sql_list([path])}) v {' '.join(joins)} "
             f"ORDER BY v.{_q(POS)})")
 
 
@@ -308,9 +307,7 @@ def read_view(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     con = duckdb.connect()
     con.execute("SET threads = 1")  # fits read files in parallel tasks instead
     try:
-        rel = con.sql(f"SELECT * FROM {view_sql(path, columns)}")
-        t = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
-        t = t.read_all() if isinstance(t, pa.RecordBatchReader) else t
+        t = arrow(con.sql(f"SELECT * FROM {view_sql(path, columns)}"))
     finally:
         con.close()
     schema = view_schema(path)
