@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from curate import registry
 from curate.stage import StageParams
@@ -99,28 +99,31 @@ class Config(_Strict):
     output: OutputConfig
     runner: RunnerConfig = RunnerConfig()
     storage: StorageConfig = StorageConfig()
-    stages: list[StageParams] = Field(default_factory=list)
+    # each item is validated once, as the Params of the stage its `stage:` names (a discriminated union
+    # over the registry), and dumped with every field of that class
+    stages: list[SerializeAsAny[StageParams]] = Field(default_factory=list)
 
     @field_validator("stages", mode="before")
     @classmethod
     def _stage_params(cls, value: Any) -> list[StageParams]:
         if not isinstance(value, list):
             raise ValueError("stages must be a list of {stage: NAME, ...} items")
-        out = []
-        for i, item in enumerate(value):
+        for i, item in enumerate(value):  # readable errors for the two mistakes the union reports tersely
             if isinstance(item, StageParams):
-                out.append(item)
                 continue
             if not isinstance(item, dict) or "stage" not in item:
                 raise ValueError(f"item {i} needs a 'stage:' key naming a registered stage")
             try:
-                stage_cls = registry.get(str(item["stage"]))
+                registry.get(str(item["stage"]))
             except KeyError as e:
                 raise ValueError(f"item {i}: {e.args[0]}") from None
-            try:
-                out.append(stage_cls.Params.model_validate(item))
-            except ValidationError as e:
-                raise ValueError(f"item {i} ({item['stage']}): {_one_line(e)}") from None
+        try:
+            out = registry.params_adapter().validate_python(value)
+        except ValidationError as e:
+            err = e.errors()[0]
+            i = err["loc"][0] if err["loc"] else "?"
+            name = value[i].get("stage") if isinstance(i, int) and isinstance(value[i], dict) else "?"
+            raise ValueError(f"item {i} ({name}): {_one_line(e, skip=2)}") from None
         ids = [p.id or p.stage for p in out]
         dup = {i for i in ids if ids.count(i) > 1}
         if dup:
@@ -131,9 +134,7 @@ class Config(_Strict):
         return [p.id or p.stage for p in self.stages]
 
     def to_yaml(self) -> str:
-        data = self.model_dump(mode="json")
-        data["stages"] = [p.model_dump(mode="json") for p in self.stages]
-        return yaml.safe_dump(data, sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def work_hash(self) -> str:
         """Hash of everything that changes the output (not the runner)."""
@@ -158,10 +159,11 @@ def work_params(params: StageParams) -> dict[str, Any]:
     return data
 
 
-def _one_line(e: ValidationError) -> str:
+def _one_line(e: ValidationError, skip: int = 0) -> str:
+    """The errors on one line; ``skip``: leading parts of each location to leave out."""
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
+        loc = ".".join(str(x) for x in err["loc"][skip:])
         parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
     return "; ".join(parts)
 
@@ -220,9 +222,7 @@ def load_config(source: str | Path | dict | Config, overrides: dict[str, Any] | 
     if isinstance(source, Config):
         if not overrides:
             return source
-        source = json.loads(json.dumps({**source.model_dump(mode="json"),
-                                        "stages": [p.model_dump(mode="json", exclude_none=True)
-                                                   for p in source.stages]}))
+        source = source.model_dump(mode="json", exclude_unset=True)  # re-validated with the overrides below
     name = "config"
     if isinstance(source, (str, Path)):
         path = Path(source)

@@ -47,11 +47,6 @@ class FitContext:
         """The runner's kind: "local" or "ray"."""
         return self.runner if isinstance(self.runner, str) else self.runner.kind
 
-    def parquet_list_sql(self) -> str:
-        """The input files as a DuckDB list literal for ``read_parquet(...)``."""
-        quoted = ", ".join("'" + p.replace("'", "''") + "'" for p in self.paths)
-        return f"[{quoted}]"
-
     @classmethod
     def from_table(cls, table: pa.Table) -> "FitContext":
         """For notebooks: a context over one in-memory table (written to a temp file)."""

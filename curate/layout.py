@@ -70,3 +70,7 @@ class Layout:
 
     def state(self, stage_id: str) -> Path:
         return self.work / "state" / stage_id
+
+    def state_file(self, stage_id: str) -> Path:
+        """A global stage's fitted state (pickled), the resume point of its fit."""
+        return self.state(stage_id) / "state.pkl"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 import shutil
 import time
 import uuid
@@ -24,7 +23,6 @@ import pyarrow.parquet as pq
 from curate import registry
 from curate import schema as S
 from curate.config import Config, ConfigError, load_config
-from curate.context import FitContext
 from curate.ingest import STAGE_ID as INPUT_ID
 from curate.ingest import ShardInfo, check_input
 from curate.io.files import InputError, list_input_files, write_bytes_atomic, write_json_atomic, write_text_atomic
@@ -33,7 +31,7 @@ from curate.layout import Layout
 from curate.runners import make_runner
 from curate.runners.base import Runner
 from curate.runners.common import Segment, SegmentJob, split_segments
-from curate.stage import GlobalStage, Stage
+from curate.stage import Stage
 from curate.stats import build_stats
 
 log = logging.getLogger(__name__)
@@ -73,7 +71,14 @@ def build_stages(config: Config) -> list[Stage]:
     if config.input.provides_images and any(p.stage == "download" for p in params):
         log.info("the input rows hold their images: the download stage is skipped")
         params = [p for p in params if p.stage != "download"]
-    return [UniqueUid({"id": "unique_uid"})] + [registry.create(p.model_dump()) for p in params]
+    stages = [UniqueUid({"id": "unique_uid"})] + [registry.create(p) for p in params]
+    last_fit = max((i for i, st in enumerate(stages) if st.needs_fit), default=-1)
+    early = [st.id for st in stages[:last_fit] if st.applies_to == "all"]
+    if early:
+        raise ConfigError(f"stage(s) {', '.join(early)} apply to rejected rows too (e.g. recaption with only_kept: "
+                          f"false) and must come after the last global stage ({stages[last_fit].id}): rows "
+                          "rejected in earlier segments reach them when the last segment writes rejected/")
+    return stages
 
 
 def _input_change(layout: Layout, manifest: dict[str, Any]) -> str | None:
@@ -193,20 +198,6 @@ def _load_or_build_schema(layout: Layout, shards: list[ShardInfo], stages: list[
     return schema
 
 
-def _fit(stage: GlobalStage, inputs: dict[str, str], rows: int, runner: Runner, layout: Layout) -> None:
-    state_dir = layout.state(stage.id)
-    state_file = state_dir / "state.pkl"
-    if state_file.exists():
-        stage.set_state(pickle.loads(state_file.read_bytes()))
-        return
-    state_dir.mkdir(parents=True, exist_ok=True)
-    ctx = FitContext(sorted(inputs.values()), state_dir, runner, runner.parallelism, rows)
-    t0 = time.perf_counter()
-    stage.set_state(stage.fit(ctx))
-    write_bytes_atomic(pickle.dumps(stage.state), state_file)
-    write_json_atomic({stage.id: time.perf_counter() - t0}, layout.timing / f"fit-{stage.id}.json")
-
-
 def execute(config: Config) -> RunResult:
     t_start = time.time()
     layout = output_layout(config)
@@ -272,7 +263,7 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
             entering = {sh: json.loads((prev / f"{sh}.json").read_text())["live"] for sh in base}
             fit_inputs = {sh: str(view_path(layout, seg.index, sh)) for sh in base}
         if seg.head is not None:
-            _fit(seg.head, fit_inputs, sum(entering.values()), runner, layout)
+            runner.fit(seg.head, fit_inputs, sum(entering.values()), layout)
         job.inputs = {sh: base[sh] for sh in pending}
         job.expected_rows = {sh: entering[sh] for sh in pending}
         log.info("segment %d (%s): %d of %d shards to do, %d rows live", seg.index,

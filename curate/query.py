@@ -29,6 +29,7 @@ import pyarrow as pa
 from curate import schema as S
 from curate.io.files import InputError
 from curate.layout import Layout
+from curate.stats import funnel, run_summary
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ def parquet_files(directory: Path) -> list[Path]:
 
 
 def sql_string(value: str) -> str:
+    """A SQL string literal: the one place curate quotes a value into SQL.  Only for SQL that cannot
+    take bound parameters (``CREATE VIEW``, sub-queries composed into a larger query); a query run
+    directly binds its values (``con.execute(sql, params)``)."""
     return "'" + str(value).replace("'", "''") + "'"
 
 
@@ -190,25 +194,24 @@ def output_stats(output_dir: str | Path) -> dict[str, Any]:
     order = _stage_order(layout, saved)
     order += sorted(set(rejected) - set(order))
     old = {st["id"]: st for st in (saved or {}).get("stages", [])}
-    stages, remaining, reasons = [], total, Counter()
-    for sid in order:
-        r = rejected.get(sid, Counter())
-        reasons.update(r)
-        entry = {"stage": old.get(sid, {}).get("stage", sid), "id": sid, "rows_in": remaining,
-                 "rows_out": remaining - sum(r.values()), "rejected": dict(sorted(r.items())),
-                 "errors": dict(sorted(errors.get(sid, Counter()).items())),
-                 "seconds": old.get(sid, {}).get("seconds", 0.0)}
-        if old.get(sid, {}).get("info"):
-            entry["info"] = old[sid]["info"]
+
+    def extra(sid: str) -> dict[str, Any]:
+        o = old.get(sid, {})
+        return {"stage": o.get("stage", sid), "seconds": o.get("seconds", 0.0), "info": o.get("info"),
+                "thresholds": o.get("thresholds")}
+
+    stages = funnel(order, total, rejected, errors, extra)
+    for entry in stages:
         for key in ("rows_in", "rows_out", "rejected"):
+            sid = entry["id"]
             if sid in old and old[sid].get(key) != entry[key]:
                 log.warning("%s: stage %s %s is %s in the files but %s in stats.json",
                             layout.root, sid, key, entry[key], old[sid].get(key))
-        stages.append(entry)
-        remaining = entry["rows_out"]
     run = dict((saved or {}).get("run", {}))
     run.setdefault("runner", "unknown")
     run.setdefault("wall_seconds", 0.0)
-    run.update({"rows_in": total, "kept": kept, "rejected": total - kept,
-                "rejected_by_reason": dict(reasons.most_common())})
+    summary = run_summary(total, stages)
+    if summary["kept"] != kept:  # a rejected row without reject_stage would be counted by neither
+        summary.update(kept=kept, rejected=total - kept)
+    run.update(summary)
     return {"run": run, "stages": stages}

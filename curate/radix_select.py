@@ -49,13 +49,12 @@ def active_values(table: pa.Table, column: str) -> np.ndarray:
 
 def _bucket_counts(args: tuple[list[str], str, int | None]) -> dict[int, int]:
     """Counts of high 16-bit key buckets, or with ``high`` given, of low 16 bits inside that bucket."""
-    from curate.runners.flow import read_view, view_schema
+    from curate.runners.flow import read_view
 
     paths, column, high = args
     counts: dict[int, int] = {}
     for path in paths:  # one shard's fit view (or file) at a time
-        names = view_schema(path).names
-        t = read_view(path, [c for c in (column, S.REJECT_REASON) if c in names])
+        t = read_view(path, [column, S.REJECT_REASON])  # a shard that never made `column` has no such column
         for lo in range(0, t.num_rows, 262_144):
             keys = sortable_keys(active_values(t.slice(lo, 262_144), column))
             sub = keys >> _SHIFT if high is None else keys[(keys >> _SHIFT) == np.uint32(high)] & _LOW

@@ -51,6 +51,12 @@ TEXT_EMBEDDING = _col("text_embedding", pa.list_(pa.float16()), "L2-normalised c
 CLIP_SCORE = _col("clip_score", pa.float32(), "cosine of the float32 normalised embeddings")
 CLIP_MODEL = _col("clip_model", pa.string(), "model/pretrained tag that produced the embeddings")
 
+# --- scores of heads on the embeddings (embedding_head; any other float32 name may be configured) ----------
+AESTHETIC_SCORE = _col("aesthetic_score", pa.float32(), "LAION aesthetic predictor rating (about 1-10)")
+PUNSAFE = _col("punsafe", pa.float32(), "probability that the image is unsafe (an NSFW head, as in LAION-5B)")
+PWATERMARK = _col("pwatermark", pa.float32(), "probability that the image carries a watermark (as in LAION-5B)")
+IMAGE_CLUSTER = _col("image_cluster", pa.int32(), "nearest of given centroids (image_cluster; DataComp image-based)")
+
 # --- dedup --------------------------------------------------------------------
 PHASH = _col("phash", pa.uint64(), "64-bit perceptual hash of the image")
 DUPLICATE_OF = _col("duplicate_of", pa.string(), "uid of the row kept in this row's duplicate group")

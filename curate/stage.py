@@ -123,6 +123,12 @@ class Stage:
         """Facts for stats.json and the report (model names, random-weight warnings)."""
         return {}
 
+    def thresholds(self) -> list[dict[str, Any]]:
+        """The cut-offs this stage applies to a charted metric, for stats.json and the report's
+        histograms: ``{"metric", "value", "side", "name"}`` items (:func:`threshold`); a global filter
+        gives the value its ``fit`` computed.  Metrics: the keys of ``curate.report.metrics.METRICS``."""
+        return []
+
     # -- lifecycle ---------------------------------------------------------------
     def setup(self) -> None:
         """Load models and other heavy things (called once per worker)."""
@@ -166,6 +172,15 @@ class Stage:
         return mark_rejected(table, mask, reason, self.id, detail, error_type)
 
     @property
+    def applies_to(self) -> str:
+        """Which rows ``process`` is given: ``"live"`` (not rejected yet; the default) or ``"all"``: rows
+        rejected by earlier stages too, which get the produced columns while their rejection stays as it
+        was (``recaption`` with ``only_kept: false``).  In a pipeline an ``"all"`` stage also sees the rows
+        rejected in earlier segments, when the last segment writes ``rejected/``; so it must come after
+        the last global stage (checked before the run starts)."""
+        return "live"
+
+    @property
     def needs_fit(self) -> bool:
         """Whether the stage needs a corpus-wide pass (``fit``) before ``process``: such a stage opens a
         segment.  It follows from the parameters (``clip_score`` with ``min_score`` is a map)."""
@@ -175,8 +190,8 @@ class Stage:
     def run_batch(self, table: pa.Table) -> pa.Table:
         """Apply the stage to a batch that may hold already-rejected rows.
 
-        Only rows not yet rejected are given to ``process``; the others pass
-        through with null output columns.  The row count is checked.
+        Only rows not yet rejected are given to ``process`` (unless the stage ``applies_to`` all rows);
+        the others pass through with null output columns.  The row count is checked.
         """
         self.ensure_setup()
         return apply_to_active(self, table)
@@ -197,7 +212,7 @@ def apply_to_active(stage: "Stage", table: pa.Table) -> pa.Table:
     active = pc.is_null(table[S.REJECT_REASON])
     n_active = pc.sum(active).as_py() or 0
     if n_active == 0:
-        return add_missing(table, fields)
+        return annotate_rejected(stage, table)
     if n_active == table.num_rows:
         out = stage.process(table)
         _check_same_rows(stage, table, out)
@@ -208,10 +223,31 @@ def apply_to_active(stage: "Stage", table: pa.Table) -> pa.Table:
     out = stage.process(part)
     _check_same_rows(stage, part, out)
     out = add_missing(out, fields)
-    passive = add_missing(table.take(idx_passive), fields)
+    passive = annotate_rejected(stage, table.take(idx_passive))
     merged = pa.concat_tables([out, passive.select(out.column_names)], promote_options="permissive")
     order = np.argsort(np.concatenate([idx_active.to_numpy(), idx_passive.to_numpy()]), kind="stable")
     return merged.take(pa.array(order))
+
+
+def threshold(metric: str, value: float, side: str, name: str) -> dict[str, Any]:
+    """One item of :meth:`Stage.thresholds`: rows with ``metric`` below (``side="min"``) or above
+    (``"max"``) ``value`` are rejected; ``name`` is the parameter (or state key) it comes from."""
+    return {"metric": metric, "value": float(value), "side": side, "name": name}
+
+
+def annotate_rejected(stage: "Stage", table: pa.Table) -> pa.Table:
+    """Rows rejected before ``stage``: null output columns, or -- for a stage that ``applies_to`` all rows
+    -- the columns ``process`` makes for them, their rejection left as it was."""
+    fields = stage.output_fields()
+    if stage.applies_to != "all" or table.num_rows == 0:
+        return add_missing(table, fields)
+    given = add_missing(table, [S.field(c) for c in stage.needs])  # e.g. no image: rejected before download
+    out = add_missing(stage.process(given), fields)
+    _check_same_rows(stage, given, out)
+    table = add_missing(table, fields)
+    for f in fields:
+        table = table.set_column(table.schema.get_field_index(f.name), f, out[f.name].cast(f.type))
+    return table
 
 
 def _check_same_rows(stage: "Stage", before: pa.Table, after: pa.Table) -> None:

@@ -1,14 +1,62 @@
-"""stats.json: per stage, in order, rows_in, rows_out, rejected by reason, errors by type, seconds."""
+"""stats.json: per stage, in order, rows_in, rows_out, rejected by reason, errors by type, seconds.
+
+One model of that shape, used by everything that writes it: :func:`funnel` turns rejection counts
+per stage into the per-stage lines (a shard's done marker, the run's stats.json, the counts
+recomputed from the files by ``curate.query.output_stats``), :func:`stage_line` is one line (also
+``refilter``'s), :func:`run_summary` the ``run`` totals.
+"""
 
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from curate.layout import Layout
+
+
+def stage_line(stage: str, sid: str, rows_in: int, rejected: dict[str, int], errors: dict[str, int] | None = None,
+               seconds: float = 0.0, info: dict[str, Any] | None = None,
+               thresholds: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One stage's line of stats.json."""
+    line: dict[str, Any] = {"stage": stage, "id": sid, "rows_in": rows_in, "rows_out": rows_in - sum(rejected.values()),
+                            "rejected": dict(sorted(rejected.items())), "errors": dict(sorted((errors or {}).items())),
+                            "seconds": round(seconds, 3)}
+    if info:
+        line["info"] = info
+    if thresholds:
+        line["thresholds"] = thresholds
+    return line
+
+
+def funnel(order: list[str], rows: int, rejected: dict[str, Counter], errors: dict[str, Counter],
+           extra: Callable[[str], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The lines of stages ``order`` over ``rows`` input rows: each stage's rows_in is what the stages
+    before it left.  ``extra(sid)``: more :func:`stage_line` arguments (stage name, seconds, info...)."""
+    unknown = set(rejected) - set(order)
+    if unknown:
+        raise RuntimeError(f"rows rejected by unknown stage ids {sorted(unknown)}")
+    out, remaining = [], rows
+    for sid in order:
+        kw = {"stage": sid, **(extra(sid) if extra else {})}
+        line = stage_line(sid=sid, rows_in=remaining, rejected=dict(rejected.get(sid, {})),
+                          errors=dict(errors.get(sid, {})), **kw)
+        out.append(line)
+        remaining = line["rows_out"]
+    return out
+
+
+def run_summary(rows: int, stages: list[dict[str, Any]], **facts: Any) -> dict[str, Any]:
+    """stats.json's ``run``: totals over the stage lines, and ``facts`` (runner, seconds...)."""
+    reasons: Counter = Counter()
+    for st in stages:
+        reasons.update(st["rejected"])
+    rejected = sum(reasons.values())
+    return {"rows_in": rows, "kept": rows - rejected, "rejected": rejected,
+            "rejected_by_reason": dict(reasons.most_common()), **facts}
 
 
 def _sum_seconds(layout: Layout) -> dict[str, float]:
@@ -27,55 +75,33 @@ def _sum_seconds(layout: Layout) -> dict[str, float]:
 
 def build_stats(layout: Layout, stage_ids: list[str], stages: list, config: Any, final_segment: int,
                 wall_seconds: float) -> dict[str, Any]:
-    per = {sid: {"rows_in": 0, "rows_out": 0, "rejected": Counter(), "errors": Counter()} for sid in stage_ids}
-    rows = kept = shards = 0
+    """stats.json of a finished run: the shards' counts (their final done markers) added up."""
+    rejected: dict[str, Counter] = defaultdict(Counter)
+    errors: dict[str, Counter] = defaultdict(Counter)
+    rows = shards = 0
     for f in sorted(layout.done(f"seg-{final_segment}").glob("*.json")):
         info = json.loads(f.read_text())["stats"]
         shards += 1
         rows += info["rows"]
-        kept += info["kept"]
         for st in info["stages"]:
-            p = per[st["id"]]
-            p["rows_in"] += st["rows_in"]
-            p["rows_out"] += st["rows_out"]
-            p["rejected"].update(st["rejected"])
-            p["errors"].update(st["errors"])
+            rejected[st["id"]].update(st["rejected"])
+            errors[st["id"]].update(st["errors"])
     seconds = _sum_seconds(layout)
     described = {s.id: s for s in stages}
-    out_stages = []
-    for sid in stage_ids:
-        p = per[sid]
+
+    def extra(sid: str) -> dict[str, Any]:
         st = described.get(sid)
-        entry = {
-            "stage": st.name if st is not None else sid,
-            "id": sid,
-            "rows_in": p["rows_in"],
-            "rows_out": p["rows_out"],
-            "rejected": dict(sorted(p["rejected"].items())),
-            "errors": dict(sorted(p["errors"].items())),
-            "seconds": round(seconds.get(sid, 0.0), 3),
-        }
-        info = st.describe() if st is not None else {}
-        if info:
-            entry["info"] = info
-        out_stages.append(entry)
-    reasons: Counter = Counter()
-    for p in per.values():
-        reasons.update(p["rejected"])
-    return {
-        "run": {
-            "rows_in": rows,
-            "kept": kept,
-            "rejected": rows - kept,
-            "rejected_by_reason": dict(reasons.most_common()),
-            "shards": shards,
-            "runner": config.runner.kind,
-            "wall_seconds": round(wall_seconds, 3),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "config_hash": config.work_hash(),
-        },
-        "stages": out_stages,
-    }
+        if st is None:
+            return {"seconds": seconds.get(sid, 0.0)}
+        if st.needs_fit and st.state is None and layout.state_file(sid).exists():
+            st.set_state(pickle.loads(layout.state_file(sid).read_bytes()))  # its segment was done before
+        return {"stage": st.name, "seconds": seconds.get(sid, 0.0), "info": st.describe(),
+                "thresholds": st.thresholds()}
+
+    lines = funnel(stage_ids, rows, rejected, errors, extra)
+    run = run_summary(rows, lines, shards=shards, runner=config.runner.kind, wall_seconds=round(wall_seconds, 3),
+                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config_hash=config.work_hash())
+    return {"run": run, "stages": lines}
 
 
 def load_stats(output: str | Path) -> dict[str, Any]:

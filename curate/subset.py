@@ -28,14 +28,15 @@ import pyarrow.parquet as pq
 from curate import schema as S
 from curate.io.files import InputError, write_json_atomic, write_parquet_atomic
 from curate.layout import Layout
-from curate.query import parquet_files, sql_string
+from curate.query import parquet_files
+from curate.stats import stage_line
 
 
 def _mask(con, path: Path, where: str, rows: int) -> pa.Array:
     """Whether each row of one Parquet file satisfies ``where`` (NULL counts as no), in file order."""
     try:
-        got = con.execute(f"SELECT file_row_number, coalesce(({where}), false) FROM read_parquet({sql_string(path)}) "
-                          "ORDER BY file_row_number").fetchall()
+        got = con.execute(f"SELECT file_row_number, coalesce(({where}), false) FROM read_parquet($path) "
+                          "ORDER BY file_row_number", {"path": str(path)}).fetchall()
     except Exception as e:  # duckdb.Error: the condition is the user's
         raise InputError(f"refilter: {' '.join(str(e).split())}") from None
     keep = [False] * rows
@@ -98,10 +99,9 @@ def refilter(output_dir: str | Path, dest: str | Path, where: str, reason: str =
         con.close()
     stats = json.loads(src.stats.read_text()) if src.stats.exists() else {"run": {}, "stages": []}
     removed = kept_in - kept_out
-    stats["stages"].append({"stage": "refilter", "id": stage_id, "rows_in": kept_in, "rows_out": kept_out,
-                            "rejected": {reason: removed} if removed else {}, "errors": {},
-                            "seconds": round(time.perf_counter() - t0, 3),
-                            "info": {"where": where, "source": str(src.root)}})
+    stats["stages"].append(stage_line("refilter", stage_id, kept_in, {reason: removed} if removed else {},
+                                      seconds=time.perf_counter() - t0,
+                                      info={"where": where, "source": str(src.root)}))
     run = stats["run"]
     by_reason = dict(run.get("rejected_by_reason") or {})
     if removed:

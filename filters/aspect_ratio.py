@@ -14,11 +14,11 @@ from pydantic import Field
 
 from curate.registry import register
 from curate.stage import MapStage, Resources, StageParams
-from filters.image_size import SIZE_COLUMNS, image_dims
+from curate.filters.image_size import SIZE_COLUMNS, image_dims
 
 
 class AspectRatioParams(StageParams):
-    stage: str = "aspect_ratio"
+    stage: Literal["aspect_ratio"] = "aspect_ratio"
     max_ratio: float = Field(3.0, ge=1, description="keep images with longer side / shorter side <= max_ratio")
     use: Literal["original", "stored"] = Field("original", description="original: the downloaded image's size; "
                                                "stored: the size after the download stage's resize")

@@ -8,18 +8,18 @@ counts as empty.  Reasons: ``caption_too_short``, ``caption_too_long``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate import schema as S
 from curate.registry import register
-from curate.stage import MapStage, Resources, StageParams
+from curate.stage import MapStage, Resources, StageParams, threshold
 
 
 class CaptionFilterParams(StageParams):
-    stage: str = "caption"
+    stage: Literal["caption"] = "caption"
     min_words: int = Field(3, ge=0, description="keep captions with at least this many words (DataComp: > 2)")
     min_chars: int = Field(6, ge=0, description="keep captions with at least this many characters (DataComp: > 5)")
     max_words: int | None = Field(None, ge=1, description="keep captions with at most this many words")
@@ -58,6 +58,14 @@ class CaptionFilter(MapStage):
         if not any(mask):
             return table
         return self.reject(table, mask, [v and v[0] for v in verdicts], [v and v[1] for v in verdicts])
+
+    def thresholds(self) -> list[dict[str, Any]]:
+        p = self.params
+        out = [threshold("caption_words", p.min_words, "min", "min_words")] if p.min_words else []
+        out += [threshold("caption_length", p.min_chars, "min", "min_chars")] if p.min_chars else []
+        out += [threshold("caption_words", p.max_words, "max", "max_words")] if p.max_words is not None else []
+        out += [threshold("caption_length", p.max_chars, "max", "max_chars")] if p.max_chars is not None else []
+        return out
 
     def describe(self) -> dict[str, Any]:
         return self.params.model_dump(include={"min_words", "min_chars", "max_words", "max_chars"})

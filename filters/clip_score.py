@@ -15,7 +15,7 @@ counts are in stats.json (``describe()``).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from curate import schema as S
 from curate.registry import register
-from curate.stage import GlobalStage, Resources, StageParams
+from curate.stage import GlobalStage, Resources, StageParams, threshold
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ REASON = "clip_score_too_low"
 
 
 class ClipScoreParams(StageParams):
-    stage: str = "clip_score"
+    stage: Literal["clip_score"] = "clip_score"
     min_score: float | None = Field(None, ge=-1, le=1, description="keep clip_score >= min_score")
     top_fraction: float | None = Field(None, gt=0, le=1, description="keep the best fraction of the whole corpus "
                                        "(DataComp: n = int(N * f), keep score >= the n-th highest, 0-based)")
@@ -77,9 +77,9 @@ class ClipScoreFilter(GlobalStage):
             n = int(total * f)
             return total - 1 - n if n < total else None
 
-        total, threshold = select_rank(ctx.paths, S.CLIP_SCORE, rank_of, ctx.map)
-        state = {"eligible": total, "n": int(total * f), "threshold": threshold}
-        log.info("clip_score: top %g of %d scored rows: threshold %s", f, total, threshold)
+        total, cut = select_rank(ctx.paths, S.CLIP_SCORE, rank_of, ctx.map)
+        state = {"eligible": total, "n": int(total * f), "threshold": cut}
+        log.info("clip_score: top %g of %d scored rows: threshold %s", f, total, cut)
         return state
 
     def process(self, table: pa.Table) -> pa.Table:
@@ -87,6 +87,12 @@ class ClipScoreFilter(GlobalStage):
             return _keep_at_least(self, table, self.params.min_score, "min_score")
         rule = f"top {self.params.top_fraction:g} threshold"
         return _keep_at_least(self, table, (self.state or {}).get("threshold"), rule)
+
+    def thresholds(self) -> list[dict[str, Any]]:
+        if not self.needs_fit:
+            return [threshold("clip_score", self.params.min_score, "min", "min_score")]
+        t = (self.state or {}).get("threshold")
+        return [threshold("clip_score", t, "min", "threshold")] if t is not None else []
 
     def describe(self) -> dict[str, Any]:
         if not self.needs_fit:

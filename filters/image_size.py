@@ -16,11 +16,11 @@ from pydantic import Field
 
 from curate import schema as S
 from curate.registry import register
-from curate.stage import MapStage, Resources, StageParams
+from curate.stage import MapStage, Resources, StageParams, threshold
 
 
 class ImageSizeParams(StageParams):
-    stage: str = "image_size"
+    stage: Literal["image_size"] = "image_size"
     min_side: int = Field(200, ge=1, description="keep images whose shorter side is >= min_side (DataComp: 200)")
     max_pixels: int | None = Field(None, ge=1, description="keep images with width x height <= max_pixels")
     use: Literal["original", "stored"] = Field("original", description="original: the downloaded image's size; "
@@ -62,6 +62,9 @@ class ImageSizeFilter(MapStage):
                   else f"{w_:.0f}x{h_:.0f} ({p.use}): more than {p.max_pixels} pixels"
                   for b, s, w_, h_ in zip(bad, small, w, h)]
         return self.reject(table, bad.tolist(), reasons, detail)
+
+    def thresholds(self) -> list[dict[str, Any]]:
+        return [threshold("image_size", self.params.min_side, "min", "min_side")]
 
     def describe(self) -> dict[str, Any]:
         return self.params.model_dump(include={"min_side", "max_pixels", "use"})

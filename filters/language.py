@@ -6,7 +6,7 @@ without a detected language (empty or missing) is rejected.  Reason: ``language_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field
@@ -17,7 +17,7 @@ from curate.stage import MapStage, Resources, StageParams
 
 
 class LanguageFilterParams(StageParams):
-    stage: str = "language"
+    stage: Literal["language"] = "language"
     languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1,
                                  description="ISO 639-1 codes to keep")
     min_score: float = Field(0.0, ge=0, le=1, description="keep when language_score >= min_score")

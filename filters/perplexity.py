@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from curate import schema as S
 from curate.registry import register
-from curate.stage import GlobalStage, Resources, StageParams
+from curate.stage import GlobalStage, Resources, StageParams, threshold
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ TOO_HIGH, TOO_LOW = "perplexity_too_high", "perplexity_too_low"
 
 
 class PerplexityFilterParams(StageParams):
-    stage: str = "perplexity"
+    stage: Literal["perplexity"] = "perplexity"
     min_perplexity: float | None = Field(None, description="keep perplexity >= this")
     max_perplexity: float | None = Field(None, description="keep perplexity <= this")
     keep_fraction: float | None = Field(None, gt=0, le=1, description="keep the lowest fraction of the corpus")
@@ -75,10 +75,10 @@ class PerplexityFilter(GlobalStage):
             k = math.floor(fraction * n)
             return k - 1 if k >= 1 else None
 
-        n, threshold = select_rank(ctx.paths, S.CAPTION_PERPLEXITY, rank_of, ctx.map)
-        state = {"eligible": n, "k": math.floor(fraction * n), "threshold": threshold}
+        n, cut = select_rank(ctx.paths, S.CAPTION_PERPLEXITY, rank_of, ctx.map)
+        state = {"eligible": n, "k": math.floor(fraction * n), "threshold": cut}
         log.info("perplexity: keep the lowest %d of %d captions (keep_fraction %g): threshold %s",
-                 state["k"], n, fraction, threshold)
+                 state["k"], n, fraction, cut)
         return state
 
     def _why(self, v: float) -> str | None:
@@ -115,6 +115,13 @@ class PerplexityFilter(GlobalStage):
         low = ~ok & (x < np.float32(p.min_perplexity)) if p.min_perplexity is not None else np.zeros_like(ok)
         reason = pa.array(np.where(low, TOO_LOW, TOO_HIGH))
         return self.reject(table, ~ok, reason, detail)
+
+    def thresholds(self) -> list[dict[str, Any]]:
+        p = self.params
+        out = [threshold("caption_perplexity", v, side, name) for v, side, name in
+               ((p.min_perplexity, "min", "min_perplexity"), (p.max_perplexity, "max", "max_perplexity")) if v is not None]
+        t = (self.state or {}).get("threshold")
+        return out + ([threshold("caption_perplexity", t, "max", "threshold")] if t is not None else [])
 
     def describe(self) -> dict[str, Any]:
         p = self.params

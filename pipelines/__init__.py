@@ -1,6 +1,7 @@
 """Ready-made pipelines: the YAML configs of ``configs/`` by name, with your input and output.
 
-    import pipelines, curate
+    import curate
+    from curate import pipelines
     cfg = pipelines.load("demo", input="urls.parquet", output="out/")
     curate.run(cfg)
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# configs/ is this package's sibling both in a checkout (configs/) and installed (curate/configs/)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 

@@ -98,7 +98,7 @@ def test_curate_demo_command(tmp_path):
 
 
 def test_pipelines_presets(tmp_path):
-    import pipelines
+    from curate import pipelines
 
     assert "demo" in pipelines.available()
     cfg = pipelines.load("demo", input="x.parquet", output=str(tmp_path), input__shard_size=7)

@@ -128,13 +128,17 @@ def test_model_loads_from_local_directory_via_autoprocessor(greedy, images, tmp_
 
 @pytest.mark.ray
 def test_local_and_ray_runners_give_the_same_recaptions(demo_site, demo_input, ray_cluster, tmp_path):
-    """download -> recaption over the demo server: 16 photos and 2 corrupt images, 3 shards, both runners."""
+    """download -> dedup_exact -> recaption (only_kept: false) over the demo server: 16 photos, exact
+    duplicates of some of them and 2 corrupt images, 4 shards, both runners.  The duplicates are
+    rejected in an earlier segment (dedup_exact is global) and still get captions, rejection unchanged."""
     import pyarrow.parquet as pq
 
     from helpers import manifest, read_dir, rows_by_uid
 
-    kinds = [r["kind"] for r in manifest(demo_site)]
+    rec = manifest(demo_site)
+    kinds = [r["kind"] for r in rec]
     rows = [i for i, k in enumerate(kinds) if k == "original"][:16]
+    rows += [i for i, r in enumerate(rec) if r["kind"] == "exact_duplicate" and r["duplicate_of"] in rows][:3]
     rows += [i for i, k in enumerate(kinds) if k == "corrupt"][:2]
     src = pq.read_table(demo_input).take(sorted(rows))
     pq.write_table(src, tmp_path / "in.parquet")
@@ -147,13 +151,32 @@ def test_local_and_ray_runners_give_the_same_recaptions(demo_site, demo_input, r
             "runner": {"kind": runner, "num_cpus": 2},
             "stages": [{"stage": "download", "image_size": 64, "timeout": 2, "thread_count": 8,
                         "allow_networks": ["127.0.0.1/32"]},
-                       {"stage": "recaption", "max_new_tokens": 8, "caption_mode": "fused", "batch_size": 16}],
+                       {"stage": "dedup_exact"},
+                       {"stage": "recaption", "max_new_tokens": 8, "caption_mode": "fused", "batch_size": 16,
+                        "only_kept": False}],
         })
         outs[runner] = res.output
     a, b = read_dir(outs["local"] / "data"), read_dir(outs["ray"] / "data")
     assert a.num_rows == 16 and rows_by_uid(a) == rows_by_uid(b)
     assert all(a[S.RECAPTION].to_pylist()) and all(a[S.TRAINING_CAPTION].to_pylist())
-    assert rows_by_uid(read_dir(outs["local"] / "rejected")) == rows_by_uid(read_dir(outs["ray"] / "rejected"))
+    rej = read_dir(outs["local"] / "rejected")
+    assert rows_by_uid(rej) == rows_by_uid(read_dir(outs["ray"] / "rejected"))
+    dups = rej.filter(pc.equal(rej[S.REJECT_STAGE], "dedup_exact"))
+    assert dups.num_rows == 3 and all(dups[S.RECAPTION].to_pylist())  # rejected in segment 1, captioned anyway
+    assert set(dups[S.REJECT_REASON].to_pylist()) == {"duplicate"}
+    broken = rej.filter(pc.equal(rej[S.REJECT_STAGE], "download"))
+    assert broken.num_rows == 2 and broken[S.RECAPTION].null_count == 2  # no image: nothing to caption
+
+
+def test_a_stage_for_rejected_rows_too_must_come_after_the_last_global_stage(tmp_path):
+    import pyarrow.parquet as pq
+
+    from curate.config import ConfigError
+
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a red bicycle"]}), tmp_path / "in.parquet")
+    with pytest.raises(ConfigError, match="after the last global stage"):
+        curate.run({"input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "out")},
+                    "stages": [{"stage": "recaption", "only_kept": False}, {"stage": "dedup_exact"}]})
 
 
 def _tiny_qwen2_vl(path) -> None:

@@ -99,6 +99,25 @@ def test_report_of_the_demo_run_renders_in_chromium(demo_run_local, tmp_path):
     assert blue > 500 and dark > 500, (blue, dark)
 
 
+def test_stages_declare_their_thresholds_in_stats_and_the_report_draws_them(demo_run_local):
+    """No guessing from parameter names: each filter states its cut-off, a global one the value its fit
+    computed (clip_score's top_fraction, perplexity's keep_fraction)."""
+    by_id = {st["id"]: st for st in demo_run_local.stats["stages"]}
+    cuts = {sid: [(t["metric"], t["side"], t["name"]) for t in st.get("thresholds", [])] for sid, st in by_id.items()}
+    assert cuts["download"] == [("image_size", "min", "min_image_size")]
+    assert cuts["caption"] == [("caption_words", "min", "min_words"), ("caption_length", "min", "min_chars")]
+    assert cuts["image_size"] == [("image_size", "min", "min_side")]
+    assert cuts["clip_score"] == [("clip_score", "min", "threshold")]
+    assert cuts["perplexity"] == [("caption_perplexity", "max", "threshold")]
+    assert by_id["clip_score"]["thresholds"][0]["value"] == pytest.approx(by_id["clip_score"]["info"]["threshold"])
+    assert not cuts["language"] and not cuts["dedup_phash"]  # a language score / a hash distance: not charted
+    page = (demo_run_local.output / "report.html").read_text()
+    value = by_id["clip_score"]["thresholds"][0]["value"]
+    from curate.report.charts import fmt
+
+    assert f"clip_score: keep ≥ {fmt(value)}" in page and "perplexity: keep ≤ " in page
+
+
 def test_report_draws_every_part_on_a_full_output(tmp_path):
     out = make_output(tmp_path / "out")
     page = build_report(out)

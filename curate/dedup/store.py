@@ -66,7 +66,11 @@ def arrow(rel: Any) -> pa.Table:
 
 
 def sql_list(paths: list[str]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+    """A DuckDB list literal of paths, for SQL composed into views and larger queries (which cannot
+    take bound parameters); a query run directly binds its paths instead."""
+    from curate.query import sql_string
+
+    return "[" + ", ".join(sql_string(str(p)) for p in paths) + "]"
 
 
 def read_sql(paths: list[str]) -> str:

@@ -60,6 +60,18 @@ _DENSE_MAX = 2048
 USE_BF16 = os.environ.get("CURATE_DEDUP_BF16", "1") != "0"
 
 
+def import_faiss(who: str = "semantic dedup"):
+    """The ``faiss`` module, or an error naming the install line (it comes from an extra)."""
+    try:
+        import faiss
+    except ImportError:
+        from curate.config import ConfigError
+
+        raise ConfigError(f"{who}: FAISS is not installed; pip install 'curate[cpu]' (or 'curate[gpu]' on a "
+                          "CUDA 12 machine: it replaces the CPU build)") from None
+    return faiss
+
+
 def gpu_available() -> bool:
     try:
         import faiss
@@ -110,7 +122,7 @@ def parallel_map(fn: Callable[[T], R], items: list[T]) -> list[R]:
 
 
 def _setup(device: str):
-    import faiss
+    faiss = import_faiss()
 
     faiss.omp_set_num_threads(_threads())
     return faiss, (faiss.StandardGpuResources() if device == "cuda" else None)
@@ -411,7 +423,7 @@ def faiss_training_rows(n: int, k: int, seed: int) -> np.ndarray | None:
     per centroid it takes the first ``k * FAISS_MAX_POINTS`` of ``faiss.rand_perm(n, seed)``, in
     that order.  Handing FAISS exactly those rows gives the same centroids (checked in the tests)
     without holding every row in float32."""
-    import faiss
+    faiss = import_faiss()
 
     if n <= k * FAISS_MAX_POINTS:
         return None
@@ -428,7 +440,7 @@ def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> np.nd
     ``seed`` and, beyond 256 rows per centroid, trains on a random subset of that size (its
     default ``max_points_per_centroid``).  Empty clusters are split by FAISS.
     """
-    import faiss
+    faiss = import_faiss()
 
     x32 = np.ascontiguousarray(x, np.float32)
     n, d = x32.shape

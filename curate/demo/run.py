@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,10 @@ DEMO_DIR = "_demo"  # inside the output directory: the generated site and input
 
 
 def demo_config_path() -> Path:
-    """configs/demo.yaml of the checkout, else the copy packaged with curate."""
-    repo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-    if repo.exists():
-        return repo
-    return Path(str(resources.files("curate.demo") / "demo.yaml"))
+    """configs/demo.yaml: the checkout's, or the copy installed as curate/configs/demo.yaml."""
+    from curate.pipelines import CONFIG_DIR
+
+    return CONFIG_DIR / "demo.yaml"
 
 
 def prepare_corpus(root: Path, rows: int = 600, seed: int = 0) -> Path:

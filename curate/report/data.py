@@ -19,9 +19,9 @@ from typing import Any
 
 from curate import schema as S
 from curate.layout import Layout
-from curate.query import FILE_COLUMN as FILE, connect, output_stats, scan_sql, sql_string
+from curate.query import FILE_COLUMN as FILE, connect, output_stats, scan_sql
 from curate.report.charts import Histogram
-from curate.report.metrics import METRICS, Threshold, find_thresholds
+from curate.report.metrics import METRICS, Threshold, find_thresholds, score_metrics
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,11 @@ def _fetch(con, picks: list[tuple[str, int]], thumb_px: int) -> dict[tuple[str, 
         by_file.setdefault(f, []).append(int(r))
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for f, rows in by_file.items():
-        present = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_string(f)})").fetchall()}
+        present = {r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet($1)", [f]).fetchall()}
         cols = [c for c in CARD_COLUMNS if c in present]
-        sql = (f"SELECT {', '.join(cols)}, file_row_number FROM read_parquet({sql_string(f)}) "
+        sql = (f"SELECT {', '.join(cols)}, file_row_number FROM read_parquet($2) "
                f"WHERE file_row_number IN (SELECT unnest($1::BIGINT[]))")
-        rel = con.execute(sql, [rows])
+        rel = con.execute(sql, [rows, f])
         names = [d[0] for d in rel.description]
         for values in rel.fetchall():
             row = dict(zip(names, values))
@@ -89,9 +89,9 @@ def _fetch(con, picks: list[tuple[str, int]], thumb_px: int) -> dict[tuple[str, 
     return out
 
 
-def _cards(con, sql: str, thumb_px: int) -> list[dict[str, Any]]:
+def _cards(con, sql: str, thumb_px: int, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run a picking query returning (filename, file_row_number, ...) and load those rows, in order."""
-    picks = con.execute(sql).fetchall()
+    picks = con.execute(sql, params).fetchall() if params else con.execute(sql).fetchall()
     rows = _fetch(con, [(p[0], p[1]) for p in picks], thumb_px)
     return [rows[(p[0], int(p[1]))] for p in picks if (p[0], int(p[1])) in rows]
 
@@ -121,11 +121,10 @@ def _histogram(con, src: str, expr: str, metric, thresholds: list[Threshold], bi
     else:
         a, w, tv = lo, (hi - lo) / bins, "v"
     stage_ids = sorted({t.stage_id for t in thresholds}) or [""]
-    in_list = ", ".join(sql_string(s) for s in stage_ids)
     rows = con.execute(
         f"SELECT least(greatest(floor(({tv} - {a!r}) / {w!r}), 0), {bins - 1})::INTEGER AS b, "
-        f"CASE WHEN reject_reason IS NULL THEN 0 WHEN reject_stage IN ({in_list}) THEN 1 ELSE 2 END AS s, "
-        f"count(*) FROM ({base}) WHERE v IS NOT NULL AND isfinite(v) GROUP BY ALL").fetchall()
+        f"CASE WHEN reject_reason IS NULL THEN 0 WHEN list_contains($stages, reject_stage) THEN 1 ELSE 2 END AS s, "
+        f"count(*) FROM ({base}) WHERE v IS NOT NULL AND isfinite(v) GROUP BY ALL", {"stages": stage_ids}).fetchall()
     counts = [[0] * bins for _ in SERIES]
     for b_, s_, c in rows:
         counts[s_][b_] += c
@@ -143,7 +142,7 @@ def _charts(con, data: ReportData) -> None:
     cols = set(data.columns)
     if src is None:
         return
-    for m in METRICS:
+    for m in (*METRICS, *score_metrics(data.stats, data.thresholds, cols)):
         expr = m.expr(cols)
         ts = [t for t in data.thresholds if t.metric == m.key]
         if expr is None or (m.only_with_threshold and not ts):
@@ -185,12 +184,12 @@ def _samples(con, data: ReportData, n_kept: int, per_reason: int, n_groups: int,
             f"ORDER BY rn, k LIMIT {int(n_groups)}").fetchall()]
         if not groups:
             return
-        glist = "[" + ", ".join(sql_string(g) for g in groups) + "]"
         members = _cards(con, f"SELECT f, r FROM (SELECT f, r, {S.DUPLICATE_OF}, row_number() OVER (PARTITION BY "
                               f"{S.DUPLICATE_OF} ORDER BY hash(uid), uid) AS rn FROM {dup} "
-                              f"WHERE list_contains({glist}, {S.DUPLICATE_OF})) WHERE rn <= 5", thumb_px)
-        leaders = _cards(con, f"SELECT {FILE}, file_row_number FROM {both} WHERE list_contains({glist}, uid) "
-                              f"ORDER BY reject_reason IS NOT NULL", thumb_px)
+                              f"WHERE list_contains($groups, {S.DUPLICATE_OF})) WHERE rn <= 5", thumb_px,
+                         {"groups": groups})
+        leaders = _cards(con, f"SELECT {FILE}, file_row_number FROM {both} WHERE list_contains($groups, uid) "
+                              f"ORDER BY reject_reason IS NOT NULL", thumb_px, {"groups": groups})
         for g in groups:
             lead = next((c for c in leaders if c[S.UID] == g), None)
             data.duplicates.append((lead, [c for c in members if c.get(S.DUPLICATE_OF) == g]))

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import time
 from typing import Any, Callable
 
 from curate.config import InputConfig
 from curate.ingest import ShardInfo, ingest_file
-from curate.io.files import InputError, write_json_atomic
+from curate.context import FitContext
+from curate.io.files import InputError, write_bytes_atomic, write_json_atomic
 from curate.io.manifest import Entry, entry_change, file_entry, file_key
 from curate.io.remote import input_path
 from curate.layout import Layout
 from curate.runners.common import SegmentJob
+from curate.stage import GlobalStage
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,20 @@ class Runner:
         for shards in self.map(ingest_task, jobs):
             out.extend(ShardInfo(**s) for s in shards)
         return out
+
+    def fit(self, stage: GlobalStage, inputs: dict[str, str], rows: int, layout: Layout) -> None:
+        """Fit a global stage on its inputs (a view or ingest file per shard; ``rows`` live rows in all)
+        with this runner's ``map``, and persist its state: a state already saved is loaded instead (resume)."""
+        state_file = layout.state_file(stage.id)
+        if state_file.exists():
+            stage.set_state(pickle.loads(state_file.read_bytes()))
+            return
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        ctx = FitContext(sorted(inputs.values()), state_file.parent, self, self.parallelism, rows)
+        t0 = time.perf_counter()
+        stage.set_state(stage.fit(ctx))
+        write_bytes_atomic(pickle.dumps(stage.state), state_file)
+        write_json_atomic({stage.id: time.perf_counter() - t0}, layout.timing / f"fit-{stage.id}.json")
 
     def run_segment(self, job: SegmentJob) -> dict[str, float]:
         """Run the segment's stages over ``job.inputs`` and finish every shard; returns seconds per stage."""

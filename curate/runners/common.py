@@ -8,7 +8,7 @@ is written once and left behind.  The last segment writes ``data/`` and ``reject
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from curate import schema as S
 from curate.io.files import write_json_atomic, write_parquet_atomic
 from curate.layout import Layout
 from curate.runners.flow import POS, ShardRows, live, read_group, view_sources, write_group, write_view
-from curate.stage import GlobalStage, Stage
+from curate.stage import GlobalStage, Stage, annotate_rejected
+from curate.stats import funnel
 
 
 @dataclass
@@ -73,8 +74,10 @@ class SegmentJob:
         return ShardRows(self.layout, shard, self.inputs[shard])
 
     def light(self) -> "SegmentJob":
-        """This job without stage objects (cheap to send to a Ray task)."""
-        seg = Segment(self.segment.index, None, [])
+        """This job without stage objects (cheap to send to a Ray task), but for the last segment's stages
+        that apply to rejected rows too: :func:`finish_shard` runs them on the rows rejected earlier."""
+        seg = Segment(self.segment.index, None, [st for st in self.segment.stages if self.final and
+                                                 st.applies_to == "all"])
         return SegmentJob(seg, {}, {}, self.final, self.layout, self.schema, self.stage_ids, self.compression,
                           self.view_columns)
 
@@ -99,32 +102,18 @@ def sort_shard(table: pa.Table) -> pa.Table:
 
 
 def shard_stats(table: pa.Table, stage_ids: list[str]) -> dict[str, Any]:
-    """Per-stage counts of one finished shard, derived from its rows."""
-    n = table.num_rows
-    rej: dict[str, dict[str, int]] = defaultdict(dict)
-    err: dict[str, dict[str, int]] = defaultdict(dict)
-    if n:
-        g = table.group_by([S.REJECT_STAGE, S.REJECT_REASON]).aggregate([([], "count_all")])
-        for st, reason, c in zip(g[S.REJECT_STAGE].to_pylist(), g[S.REJECT_REASON].to_pylist(),
-                                 g["count_all"].to_pylist()):
-            if st is not None:
-                rej[st][reason] = c
-        g = table.group_by([S.REJECT_STAGE, S.ERROR_TYPE]).aggregate([([], "count_all")])
-        for st, et, c in zip(g[S.REJECT_STAGE].to_pylist(), g[S.ERROR_TYPE].to_pylist(), g["count_all"].to_pylist()):
-            if st is not None and et is not None:
-                err[st][et] = c
-    stages = []
-    remaining = n
-    for sid in stage_ids:
-        r = sum(rej.get(sid, {}).values())
-        stages.append({"id": sid, "rows_in": remaining, "rows_out": remaining - r,
-                       "rejected": dict(sorted(rej.get(sid, {}).items())),
-                       "errors": dict(sorted(err.get(sid, {}).items()))})
-        remaining -= r
-    unknown = set(rej) - set(stage_ids)
-    if unknown:
-        raise RuntimeError(f"rows rejected by unknown stage ids {sorted(unknown)}")
-    return {"rows": n, "kept": remaining, "stages": stages}
+    """Per-stage counts of one finished shard, derived from its rows (see :mod:`curate.stats`)."""
+    rej: dict[str, Counter] = defaultdict(Counter)
+    err: dict[str, Counter] = defaultdict(Counter)
+    if table.num_rows:
+        for keys, into in (([S.REJECT_STAGE, S.REJECT_REASON], rej), ([S.REJECT_STAGE, S.ERROR_TYPE], err)):
+            g = table.group_by(keys).aggregate([([], "count_all")])
+            for st, what, c in zip(g[keys[0]].to_pylist(), g[keys[1]].to_pylist(), g["count_all"].to_pylist()):
+                if st is not None and what is not None:
+                    into[st][what] += c
+    stages = [{k: v for k, v in line.items() if k not in ("stage", "seconds")}  # the marker stays small
+              for line in funnel(stage_ids, table.num_rows, rej, err)]
+    return {"rows": table.num_rows, "kept": stages[-1]["rows_out"] if stages else table.num_rows, "stages": stages}
 
 
 def _check(job: SegmentJob, shard: str, n: int) -> None:
@@ -132,6 +121,15 @@ def _check(job: SegmentJob, shard: str, n: int) -> None:
     if expected is not None and n != expected:
         raise RuntimeError(f"shard {shard}: {n} rows after segment {job.segment.index}, expected {expected} "
                            f"-- rows were lost or duplicated")
+
+
+def _annotate(job: SegmentJob, table: pa.Table) -> pa.Table:
+    """Rows rejected before the last segment, through its stages that apply to rejected rows too."""
+    for st in job.segment.stages:
+        if st.applies_to == "all":
+            st.ensure_setup()
+            table = annotate_rejected(st, table)
+    return table
 
 
 def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
@@ -162,7 +160,7 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
         out = table if table is not None else rows.rows(rows.live_positions(k), k + 1)
         _check(job, shard, out.num_rows)
         kept = S.conform(sort_shard(live(out)), job.schema)
-        gone = [S.conform(t, job.schema) for t in rows.rejected_before(k)]
+        gone = [S.conform(_annotate(job, t), job.schema) for t in rows.rejected_before(k)]
         gone.append(S.conform(out.filter(pc.is_valid(out[S.REJECT_REASON])), job.schema))
         rejected = sort_shard(pa.concat_tables(gone))
         write_parquet_atomic(kept, job.layout.data / f"{shard}.parquet", job.compression)

@@ -301,16 +301,17 @@ def view_sql(path: str | Path, columns: list[str] | None = None) -> str:
 
 
 def read_view(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """The rows of a fit input (:func:`view_sql`) as an Arrow table."""
+    """The rows of a fit input (:func:`view_sql`) as an Arrow table; of ``columns``, those it holds."""
     import duckdb
 
+    schema = view_schema(path)
     con = duckdb.connect()
     con.execute("SET threads = 1")  # fits read files in parallel tasks instead
     try:
-        t = arrow(con.sql(f"SELECT * FROM {view_sql(path, columns)}"))
+        wanted = None if columns is None else [c for c in columns if c in schema.names]
+        t = arrow(con.sql(f"SELECT * FROM {view_sql(path, wanted)}"))
     finally:
         con.close()
-    schema = view_schema(path)
     # DuckDB widens some Arrow types (float16, dictionaries): back to the stored ones
     return pa.table([t[c].cast(schema.field(c).type) if c in schema.names else t[c] for c in t.column_names],
                     names=t.column_names)

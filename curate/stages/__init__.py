@@ -10,3 +10,6 @@ from curate.stages import dedup_phash  # noqa: F401
 from curate.stages import dedup_semantic  # noqa: F401
 from curate.stages import clip_embed  # noqa: F401
 from curate.stages import language_id  # noqa: F401
+from curate.stages import embedding_head  # noqa: F401
+from curate.stages import density_prune  # noqa: F401
+from curate.stages import image_cluster  # noqa: F401

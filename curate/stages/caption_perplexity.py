@@ -35,7 +35,7 @@ EMPTY_REASON = "empty_caption"
 
 
 class CaptionPerplexityParams(StageParams):
-    stage: str = "caption_perplexity"
+    stage: Literal["caption_perplexity"] = "caption_perplexity"
     backend: Literal["hf", "kenlm"] = Field("hf", description="hf: a transformers causal LM; kenlm: a KenLM file")
     model: str | None = Field(
         None, description="hf: hub name or local directory (empty: tiny random-init GPT-2, offline); "

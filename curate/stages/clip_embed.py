@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class ClipEmbedParams(StageParams):
-    stage: str = "clip_embed"
+    stage: Literal["clip_embed"] = "clip_embed"
     model: str = Field(DEFAULT_MODEL, description="open_clip architecture (e.g. ViT-B-32, ViT-L-14), or a path to "
                        "an open_clip model-config NAME.json; default: curate-ViT-T-32, random weights only")
     pretrained: str | None = Field(None, description="open_clip pretrained tag (e.g. laion2b_s34b_b79k), a local "

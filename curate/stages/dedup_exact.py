@@ -41,7 +41,7 @@ _SCHEME = "^[A-Za-z][A-Za-z0-9+.-]*://"
 
 
 class DedupExactParams(DedupParams):
-    stage: str = "dedup_exact"
+    stage: Literal["dedup_exact"] = "dedup_exact"
     key: list[KeyField] = Field(default_factory=lambda: ["image"], min_length=1,
                                 description="fields that must all be equal: image (sha256 of the bytes), "
                                 "url (normalised), caption (normalised)")

@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -71,7 +71,7 @@ VALUES_PER_CHUNK = 1 << 17  # key expansion: 8M keys at radius 4-7
 
 
 class DedupPhashParams(DedupParams):
-    stage: str = "dedup_phash"
+    stage: Literal["dedup_phash"] = "dedup_phash"
     radius: int = Field(6, ge=0, le=mih.MAX_RADIUS, description="max Hamming distance (of 64 bits) between "
                         "the pHashes of near-duplicates")
 

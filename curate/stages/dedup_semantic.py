@@ -113,7 +113,7 @@ _SAMPLE_COLUMNS = [S.UID, S.SHARD, S.SOURCE_ROW, "emb", "dtype"]
 
 
 class DedupSemanticParams(DedupParams):
-    stage: str = "dedup_semantic"
+    stage: Literal["dedup_semantic"] = "dedup_semantic"
     keep: Literal["clip_score", "largest_image", "smallest_uid"] = Field(
         "clip_score", description="keep rule of mode keep_one: clip_score, largest_image or smallest_uid")
     column: Literal["image_embedding", "text_embedding"] = Field("image_embedding", description="embedding column")
@@ -168,8 +168,9 @@ def _read_active(path: str, columns: list[str], emb: str) -> tuple[pa.Table, np.
         src = view_sql(path, [*names, emb, S.REJECT_REASON])
         rel = con.sql(f'SELECT {cols} FROM {src} {where} ORDER BY "{POS}"')
     else:
-        src = f"read_parquet({store.sql_list([path])}{', file_row_number = true' if position else ''})"
-        rel = con.sql(f"SELECT {cols}{', file_row_number' if position else ''} FROM {src} {where}")
+        src = f"read_parquet($path{', file_row_number = true' if position else ''})"
+        rel = con.sql(f"SELECT {cols}{', file_row_number' if position else ''} FROM {src} {where}",
+                      params={"path": str(path)})
     t = store.arrow(rel)
     con.close()
     if position:
@@ -387,6 +388,12 @@ class DedupSemantic(DedupStage):
     name = "dedup_semantic"
     Params = DedupSemanticParams
     duplicate_kind = "semantic"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        p: DedupSemanticParams = self.params  # type: ignore[assignment]
+        if p.method == "kmeans" or p.mode == "semdedup":  # method auto: checked when it picks k-means
+            vectors.import_faiss(self.id)
 
     def fit(self, ctx: Any) -> Any:
         p: DedupSemanticParams = self.params  # type: ignore[assignment]

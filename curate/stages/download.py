@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 
 from curate import schema as S
 from curate.registry import register
-from curate.stage import MapStage, Resources, StageParams
+from curate.stage import MapStage, Resources, StageParams, threshold
 from curate.table_ops import with_column
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ UA_BASE = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firef
 
 
 class DownloadParams(StageParams):
-    stage: str = "download"
+    stage: Literal["download"] = "download"
     image_size: int = Field(256, ge=1, description="target size (img2dataset semantics per resize_mode)")
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "keep_ratio"
     resize_only_if_bigger: bool = True
@@ -271,6 +271,10 @@ class Download(MapStage):
         cols[S.DOWNLOAD_STATUS][i] = "success"
         for k, v in got.items():
             cols[k][i] = v
+
+    def thresholds(self) -> list[dict[str, Any]]:
+        m = self.params.min_image_size
+        return [threshold("image_size", m, "min", "min_image_size")] if m else []
 
     def describe(self) -> dict[str, Any]:
         p = self.params

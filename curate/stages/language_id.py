@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class LanguageIdParams(StageParams):
-    stage: str = "language_id"
+    stage: Literal["language_id"] = "language_id"
     candidates: list[str] | None = Field(None, description="ISO 639-1 codes to choose from (default: all 97 "
                                          "languages of py3langid)")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class PhashParams(StageParams):
-    stage: str = "phash"
+    stage: Literal["phash"] = "phash"
 
 
 def phash_bytes(data: bytes | None) -> int | None:

@@ -16,7 +16,7 @@ demo/tests) and a warning says so.  On a GPU cluster give the stage ``num_gpus``
 did not ask for one).
 
 It is the most expensive stage, so it belongs last: it only sees rows that passed
-every earlier filter.  ``only_kept: false`` also captions rows rejected earlier
+every earlier filter.  ``only_kept: false`` also captions rows rejected earlier, in any segment
 (that have an image) without changing their rejection, so a later threshold change
 needs no new recaptioning.
 
@@ -36,7 +36,6 @@ import re
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from curate import schema as S
@@ -48,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 class RecaptionParams(StageParams):
-    stage: str = "recaption"
+    stage: Literal["recaption"] = "recaption"
     model: str | None = Field(None, description="hub name or local directory of an image-to-text model "
                                                 "(empty: tiny random-init BLIP, offline)")
     prompt: str | None = Field(None, description="text prompt: BLIP prefix, Florence-2 task token, or the "
@@ -249,20 +248,9 @@ class Recaption(MapStage):
             table = self.reject(table, bad, "decode_failed", errors, "decode_error")
         return table
 
-    def run_batch(self, table: pa.Table) -> pa.Table:
-        out = super().run_batch(table)
-        if self.params.only_kept:
-            return out
-        earlier = pc.and_(pc.is_valid(out[S.REJECT_REASON]), pc.is_valid(out[S.IMAGE]))
-        earlier = pc.fill_null(pc.and_(earlier, pc.not_equal(out[S.REJECT_STAGE], self.id)), False)
-        idx = pc.indices_nonzero(earlier).to_pylist()
-        if not idx:
-            return out
-        recaps, _ = self.caption_images(out.take(idx))  # undecodable: left null, rejection unchanged
-        full = out[S.RECAPTION].to_pylist()
-        for i, r in zip(idx, recaps):
-            full[i] = r
-        return self._set_columns(out, full)
+    @property
+    def applies_to(self) -> str:
+        return "live" if self.params.only_kept else "all"  # only_kept false: rejected rows get captions too
 
     def describe(self) -> dict[str, Any]:
         from curate.stages.hf_models import TINY_BLIP_NAME

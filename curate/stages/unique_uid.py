@@ -11,13 +11,14 @@ import logging
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from curate import schema as S
+from curate.dedup.store import arrow
 from curate.registry import register
 from curate.stage import GlobalStage, Resources, StageParams
 
@@ -27,11 +28,11 @@ ROWS_PER_PARTITION = 20_000_000
 
 
 class UniqueUidParams(StageParams):
-    stage: str = "unique_uid"
+    stage: Literal["unique_uid"] = "unique_uid"
 
 
-def _partition(args: tuple[str, str, int, int]) -> str | None:
-    files_sql, out, p, parts = args
+def _partition(args: tuple[list[str], str, int, int]) -> str | None:
+    files, out, p, parts = args
     import duckdb
 
     con = duckdb.connect()
@@ -42,15 +43,13 @@ def _partition(args: tuple[str, str, int, int]) -> str | None:
                    row_number() OVER w AS rn,
                    first_value({S.SOURCE_FILE}) OVER w AS first_file,
                    first_value({S.SOURCE_ROW}) OVER w AS first_row
-            FROM read_parquet({files_sql})
-            WHERE {S.REJECT_REASON} IS NULL AND hash({S.UID}) % {parts} = {p}
+            FROM read_parquet($files)
+            WHERE {S.REJECT_REASON} IS NULL AND hash({S.UID}) % $parts = $p
             WINDOW w AS (PARTITION BY {S.UID} ORDER BY {S.SHARD}, {S.SOURCE_ROW}
                          ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
         ) WHERE rn > 1
     """
-    table = con.sql(sql).to_arrow_table()
-    if isinstance(table, pa.RecordBatchReader):  # pragma: no cover - duckdb version differences
-        table = table.read_all()
+    table = arrow(con.sql(sql, params={"files": files, "parts": parts, "p": p}))
     if table.num_rows == 0:
         return None
     import pyarrow.parquet as pq
@@ -71,8 +70,7 @@ class UniqueUid(GlobalStage):
 
     def fit(self, ctx) -> Any:
         parts = max(1, math.ceil((ctx.total_rows or 0) / ROWS_PER_PARTITION))
-        files_sql = ctx.parquet_list_sql()
-        jobs = [(files_sql, str(ctx.work_dir / f"dup-{p:04d}.parquet"), p, parts) for p in range(parts)]
+        jobs = [(list(ctx.paths), str(ctx.work_dir / f"dup-{p:04d}.parquet"), p, parts) for p in range(parts)]
         outs = [o for o in ctx.map(_partition, jobs) if o]
         n = pads.dataset(outs).count_rows() if outs else 0
         if n:

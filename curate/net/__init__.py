@@ -1,0 +1,1 @@
+"""Networking for the download stage: address guard, bounded HTTP, limits, robots rules."""

@@ -1,0 +1,266 @@
+"""``density_prune``: density-based pruning (Abbas et al. 2024, "Effective pruning of web-scale
+datasets based on complexity of concept clusters"), on the k-means clusters of semantic dedup.
+
+Rule (followed from the paper, Sec. 3, and its reference ``DBP`` code in facebookresearch/SemDeDup's
+``clustering`` utilities for the per-cluster distances):
+
+* every live row with an ``image_embedding`` goes to its nearest centroid (max cosine); its
+  distance is ``d = 1 - cosine`` (float64 decision, as :func:`curate.dedup.vectors.nearest`);
+* per cluster j (clusters with members only): ``d_intra_j`` = mean ``d`` of its members;
+  ``d_inter_j`` = mean of ``1 - cos(c_j, c_i)`` over its ``neighbours`` (20) nearest other
+  centroids; complexity ``C_j = d_inter_j * d_intra_j``; ``P = softmax(C / temperature)`` (0.5);
+* target ``N = floor(keep_fraction * rows)``; the real quota ``N_j = clip(lam * P_j, lo_j, n_j)``
+  with ``lo_j = min(min_per_cluster, n_j)`` and ``lam`` such that ``sum N_j = N`` (the projection of
+  ``P * N`` on the box ``[lo, n]``: capped clusters' excess goes to the others in proportion to P);
+  integers: the floors, then one more row to the clusters with the largest fractional parts (ties:
+  lower cluster id) until the sum is ``N``;
+* inside a cluster keep the ``N_j`` rows farthest from the centroid (``keep: hard``, the paper's
+  choice), the closest (``easy``) or a seeded random pick (``random``: by a hash of seed and uid);
+  ties by uid.  The others are rejected with ``density_pruned``.
+
+Clusters: the centroids of the pipeline's ``dedup_semantic`` stage (``clusters_from``; it must have
+used k-means), or ``centroids_path`` (a ``.npy``), else k-means is trained here on a sample
+(``n_clusters``).  Work is partitioned: one pass over the shards (assignment, per-cluster sums),
+the quotas on the driver (k numbers), one task per bucket of clusters for the selection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from curate import schema as S
+from curate.dedup import store, vectors
+from curate.dedup.base import check_columns
+from curate.registry import register
+from curate.stage import GlobalStage, Resources, StageError, StageParams
+
+log = logging.getLogger(__name__)
+
+
+class DensityPruneParams(StageParams):
+    stage: Literal["density_prune"] = "density_prune"
+    keep_fraction: float = Field(gt=0, le=1, description="fraction of the rows reaching the stage to keep")
+    temperature: float = Field(0.5, gt=0, description="softmax temperature over cluster complexities")
+    neighbours: int = Field(20, ge=1, description="nearest other centroids averaged in d_inter")
+    min_per_cluster: int = Field(0, ge=0, description="keep at least this many rows of every cluster")
+    keep: Literal["hard", "easy", "random"] = Field("hard", description="inside a cluster keep the farthest "
+                                                    "from the centroid (hard), the closest (easy) or random")
+    seed: int = Field(0, description="keep random: the seed of the pick; k-means trained here: its seed")
+    clusters_from: str | None = Field("dedup_semantic", description="id of the semantic dedup stage whose "
+                                      "k-means centroids to use (when it ran k-means)")
+    centroids_path: str | None = Field(None, description=".npy (k, d) centroids (instead of clusters_from)")
+    n_clusters: int | None = Field(None, ge=1, description="k-means trained here: clusters (default rows / 2000)")
+    rows_per_bucket: int = Field(2_000_000, ge=1, description="rows per cluster-bucket task of the selection")
+
+
+def quotas(p: np.ndarray, sizes: np.ndarray, target: int, floor: int) -> np.ndarray:
+    """Integer rows kept per cluster: ``clip(lam * p, lo, sizes)`` summing to ``target`` (see the
+    module docstring), rounded by largest remainders."""
+    sizes = sizes.astype(np.float64)
+    lo = np.minimum(float(floor), sizes)
+    target = int(min(max(target, int(lo.sum())), int(sizes.sum())))
+
+    def total(lam: float) -> float:
+        return float(np.clip(lam * p, lo, sizes).sum())
+
+    a, b = 0.0, 1.0
+    while total(b) < target:
+        b *= 2.0
+    for _ in range(200):  # bisection to float precision
+        m = (a + b) / 2.0
+        if total(m) < target:
+            a = m
+        else:
+            b = m
+    real = np.clip(b * p, lo, sizes)
+    out = np.floor(real + 1e-9).astype(np.int64)
+    left = target - int(out.sum())
+    if left > 0:
+        frac = np.where(out < sizes, real - out, -1.0)
+        order = np.lexsort((np.arange(len(frac)), -frac))  # largest fraction first, then lower id
+        out[order[:left]] += 1
+    return out
+
+
+def complexity(centroids: np.ndarray, counts: np.ndarray, dist_sums: np.ndarray, neighbours: int) -> np.ndarray:
+    """``d_inter * d_intra`` of every cluster with members (NaN for empty ones)."""
+    c = vectors.normalise(centroids)
+    live = np.flatnonzero(counts > 0)
+    d_intra = dist_sums[live] / counts[live]
+    sims = c[live] @ c.T  # (live clusters, k): k centroids fit in memory (k is ~rows / 2000)
+    sims[np.arange(len(live)), live] = -np.inf  # not itself
+    m = min(neighbours, c.shape[0] - 1)
+    d_inter = np.zeros(len(live))
+    if m > 0:
+        top = -np.partition(-sims, m - 1, axis=1)[:, :m]
+        d_inter = (1.0 - top).mean(axis=1)
+    out = np.full(len(counts), np.nan)
+    out[live] = d_inter * d_intra
+    return out
+
+
+def _assign(args: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """One group of input files: nearest centroid and distance of every live row with an embedding,
+    written by cluster bucket; returns per-cluster counts and distance sums."""
+    from curate.stages.dedup_semantic import _read_active
+
+    files, centroids, buckets, out, name = args
+    c64 = np.load(centroids)
+    counts, sums = np.zeros(len(c64), np.int64), np.zeros(len(c64))
+    for j, path in enumerate(files):
+        t, x = _read_active(path, [S.UID, S.SHARD, S.IMAGE_EMBEDDING], S.IMAGE_EMBEDDING)
+        if t.num_rows == 0:
+            continue
+        u = vectors.normalise(x)
+        labels = vectors.nearest(x, c64)
+        dist = 1.0 - np.einsum("ij,ij->i", u, c64[labels])
+        np.add.at(counts, labels, 1)
+        np.add.at(sums, labels, dist)
+        rows = pa.table({S.UID: t[S.UID], S.SHARD: t[S.SHARD], "cluster": pa.array(labels, pa.int64()),
+                         "dist": pa.array(dist, pa.float64())})
+        store.write_partitioned(rows, labels % buckets, Path(out), f"{name}-{j:05d}")
+    return counts, sums
+
+
+def _order_key(t: pa.Table, keep: str, seed: int) -> np.ndarray:
+    """Sort key inside a cluster: the first rows are kept."""
+    if keep == "hard":
+        return -t["dist"].to_numpy()
+    if keep == "easy":
+        return t["dist"].to_numpy()
+    salt = str(seed).encode()
+    return np.array([int.from_bytes(hashlib.blake2b(salt + u.encode(), digest_size=8).digest(), "big")
+                     for u in t[S.UID].to_pylist()], np.float64)
+
+
+def _select(args: tuple) -> int:
+    """One bucket of clusters: the rows beyond each cluster's quota become decisions."""
+    assign_dir, b, quota_file, keep, seed, parts_dir, buckets = args
+    files = store.partition_files(Path(assign_dir), b)
+    if not files:
+        return 0
+    quota = np.load(quota_file)
+    t = pa.concat_tables([pq.read_table(f) for f in files])
+    keyed = pa.table({"c": t["cluster"], "k": pa.array(_order_key(t, keep, seed)), "u": t[S.UID]})
+    order = pc.sort_indices(keyed, sort_keys=[("c", "ascending"), ("k", "ascending"), ("u", "ascending")]).to_numpy()
+    labels = t["cluster"].to_numpy()[order]  # by cluster, then keep-first, then uid
+    starts = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    drop = order[rank >= quota[labels]]
+    if len(drop) == 0:
+        return 0
+    sub = t.take(pa.array(drop))
+    q, n = quota[sub["cluster"].to_numpy()], np.bincount(labels, minlength=len(quota))[sub["cluster"].to_numpy()]
+    detail = [f"cluster {c}: keeps {a} of {m} ({keep})" for c, a, m in zip(sub["cluster"].to_pylist(), q, n)]
+    dec = store.decisions_table(sub[S.SHARD], sub[S.UID], [None] * sub.num_rows, detail)
+    return store.write_decisions(dec, parts_dir, f"d{b:05d}", buckets)
+
+
+@register
+class DensityPrune(GlobalStage):
+    name = "density_prune"
+    Params = DensityPruneParams
+    needs = (S.UID, S.SHARD, S.IMAGE_EMBEDDING)
+    default_resources = Resources(num_cpus=0.5, batch_size=65536, stateful=True)
+    params: DensityPruneParams
+
+    def fit(self, ctx: Any) -> Any:
+        p = self.params
+        check_columns(self, ctx, (S.UID, S.SHARD, S.IMAGE_EMBEDDING))
+        work = Path(ctx.work_dir)
+        for sub in ("assign", "parts"):
+            shutil.rmtree(work / sub, ignore_errors=True)
+            (work / sub).mkdir(parents=True)
+        centroids, source = self._centroids(ctx, work)
+        k = len(np.load(centroids, mmap_mode="r"))
+        cb = store.n_partitions(ctx.total_rows or 1, p.rows_per_bucket)
+        groups = store.file_groups(ctx.paths)
+        res = ctx.map(_assign, [(g, centroids, cb, str(work / "assign"), f"a{i:05d}") for i, g in enumerate(groups)])
+        counts = np.sum([r[0] for r in res], axis=0) if res else np.zeros(k, np.int64)
+        sums = np.sum([r[1] for r in res], axis=0) if res else np.zeros(k)
+        n = int(counts.sum())
+        cx = complexity(np.load(centroids), counts, sums, p.neighbours)
+        live = np.flatnonzero(counts > 0)
+        prob = np.zeros(k)
+        if len(live):
+            z = cx[live] / p.temperature
+            e = np.exp(z - z.max())
+            prob[live] = e / e.sum()
+        target = math.floor(p.keep_fraction * n)
+        quota = quotas(prob, counts, target, p.min_per_cluster)
+        np.save(work / "quota.npy", quota)
+        buckets = store.n_buckets(len(ctx.paths))
+        removed = sum(ctx.map(_select, [(str(work / "assign"), b, str(work / "quota.npy"), p.keep, p.seed,
+                                         str(work / "parts"), buckets) for b in range(cb)]))
+        shutil.rmtree(work / "assign", ignore_errors=True)
+        info = {"centroids": source, "n_clusters": k, "clusters_with_rows": len(live), "rows_with_embedding": n,
+                "target": int(quota.sum()), "removed": int(removed),
+                "decisions": store.compact_decisions(ctx, work / "parts", buckets)}
+        log.info("%s: %d of %d rows kept in %d clusters (centroids: %s)", self.id, n - removed, n, len(live), source)
+        return info
+
+    def _centroids(self, ctx: Any, work: Path) -> tuple[str, str]:
+        """(path of unit centroids, where they came from)."""
+        p = self.params
+        if p.centroids_path:
+            np.save(work / "centroids.npy", vectors.normalise(np.load(p.centroids_path)))
+            return str(work / "centroids.npy"), p.centroids_path
+        shared = Path(ctx.work_dir).parent / p.clusters_from / "centroids.npy" if p.clusters_from else None
+        if shared is not None and shared.exists():
+            return str(shared), f"stage {p.clusters_from}"
+        return self._train(ctx, work), "trained here"
+
+    def _train(self, ctx: Any, work: Path) -> str:
+        """No clustering to share: spherical k-means (FAISS) on a sample of at most 256 rows per centroid."""
+        from curate.stages.dedup_semantic import _read_active
+
+        p = self.params
+        total = max(1, ctx.total_rows or 1)
+        k = p.n_clusters or max(1, math.ceil(total / 2000))
+        want = min(total, k * vectors.FAISS_MAX_POINTS)
+        xs = []
+        for path in ctx.paths:  # a uid-hash sample, in input order (bounded: k * 256 rows)
+            t, x = _read_active(path, [S.UID], S.IMAGE_EMBEDDING)
+            if t.num_rows:
+                h = np.array([zlib_hash(u) for u in t[S.UID].to_pylist()])
+                xs.append(x[h % total < want])
+        if not xs or sum(len(x) for x in xs) == 0:
+            raise StageError(f"{self.id}: no row has an image_embedding (put clip_embed before it)")
+        x = np.concatenate(xs).astype(np.float32)
+        out = work / "centroids.npy"
+        np.save(out, vectors.spherical_kmeans(x, min(k, len(x)), 20, p.seed))
+        return str(out)
+
+    def setup(self) -> None:
+        from curate.dedup.store import DecisionReader
+
+        self._reader = DecisionReader((self.state or {}).get("decisions"))
+
+    def process(self, table: pa.Table) -> pa.Table:
+        if not (self.state or {}).get("removed"):
+            return table
+        found = self._reader.lookup(table[S.SHARD], table[S.UID])
+        if found is None:
+            return table
+        mask, _, detail = found
+        return self.reject(table, pa.array(mask, pa.bool_()), "density_pruned", pa.array(detail, pa.string()))
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in (self.state or {}).items() if k != "decisions"}
+
+
+def zlib_hash(uid: str) -> int:
+    import zlib
+
+    return zlib.crc32(uid.encode())
