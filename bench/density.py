@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate import schema as S
+
 
 def _write_shards(root: Path, n: int, d: int, k: int, shard: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -37,10 +39,10 @@ def _write_shards(root: Path, n: int, d: int, k: int, shard: int, seed: int = 0)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).ravel()), d).cast(
             pa.list_(pa.float16()))
-        t = pa.table({"uid": [f"{s:05d}-{i:06d}" for i in range(m)], "shard": pa.array([f"{s:05d}"] * m),
-                      "image_embedding": emb, "reject_reason": pa.nulls(m, pa.string())})
+        t = pa.table({S.UID: [f"{s:05d}-{i:06d}" for i in range(m)], S.SHARD: pa.array([f"{s:05d}"] * m),
+                      S.IMAGE_EMBEDDING: emb, S.REJECT_REASON: pa.nulls(m, pa.string())})
         path = root / f"{s:05d}.parquet"
-        pq.write_table(t, path, use_dictionary=["uid", "shard"])
+        pq.write_table(t, path, use_dictionary=[S.SHARD])
         paths.append(str(path))
     return paths, centers
 
@@ -94,7 +96,7 @@ def main() -> None:
                 rows += st.process(t.slice(lo, st.resources.batch_size)).num_rows
         batched = rows / (time.perf_counter() - t0)
         sample = pq.read_table(paths[0]).slice(0, args.loop_sample)
-        x = np.array(sample["image_embedding"].to_pylist(), dtype=np.float32)
+        x = np.array(sample[S.IMAGE_EMBEDDING].to_pylist(), dtype=np.float32)
         t0 = time.perf_counter()
         with torch.inference_mode():
             for v in x:  # the baseline: one row at a time, as a per-row UDF would
