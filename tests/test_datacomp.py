@@ -60,3 +60,43 @@ def test_the_paper_configs_validate(name):
     else:
         cuts = {s.id: s.max for s in cfg.stages if s.stage == "score"}
         assert cuts == {"unsafe": 0.5, "watermarked": 0.8}
+
+
+def _tiny_fasttext(path) -> None:
+    """A supervised fastText classifier with lid.176's label format, trained here (no download)."""
+    import random
+
+    import fasttext
+
+    rng = random.Random(0)
+    words = {"en": "a photo of the red car on street with house tree dog".split(),
+             "de": "ein foto von dem roten auto auf strasse mit haus baum hund".split(),
+             "fr": "une photo de la voiture rouge dans rue avec maison arbre chien".split()}
+    lines = [f"__label__{lang} " + " ".join(rng.choices(w, k=6)) for lang, w in words.items() for _ in range(200)]
+    rng.shuffle(lines)
+    train = path.parent / "train.txt"
+    train.write_text("\n".join(lines) + "\n")
+    fasttext.train_supervised(str(train), epoch=5, lr=0.1, dim=8, minCount=1, verbose=0, thread=1,
+                              seed=0).save_model(str(path))
+
+
+def test_fasttext_language_id_is_datacomps_top1_rule(tmp_path):
+    import fasttext
+
+    from curate.config import ConfigError
+
+    _tiny_fasttext(tmp_path / "lid.bin")
+    caps = ["a red car on the street", "ein roter hund\nauf der strasse", "une maison rouge", "", None]
+    t = prepare_for_stages(pa.table({S.UID: list("abcde"), S.CAPTION: caps}))
+    out = curate.create_stage("language_id", backend="fasttext", model_path=str(tmp_path / "lid.bin"))(t).table
+    model = fasttext.load_model(str(tmp_path / "lid.bin"))
+    for cap, lang, score in zip(caps, out[S.LANGUAGE].to_pylist(), out[S.LANGUAGE_SCORE].to_pylist()):
+        if not cap:
+            assert lang is None and score is None
+            continue
+        ((p, label),) = model.f.predict(cap.replace("\n", " "), 1, 0.0, "strict")  # DataComp: newlines -> spaces
+        assert lang == label.removeprefix("__label__") and score == pytest.approx(p)
+    assert out[S.LANGUAGE].to_pylist()[:3] == ["en", "de", "fr"]
+    with pytest.raises(ConfigError, match="needs model_path"):
+        curate.load_config({"input": {"path": "x"}, "output": {"path": "y"},
+                            "stages": [{"stage": "language_id", "backend": "fasttext"}]})

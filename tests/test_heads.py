@@ -182,8 +182,9 @@ def _jpeg(seed: int) -> bytes:
 
 @pytest.mark.ray
 def test_heads_and_score_filters_on_both_runners(ray_cluster, tmp_path):
-    """clip_embed (tiny, d=256) -> aesthetic head -> NSFW head -> score filters: local == Ray, the
-    report draws the score columns with their thresholds."""
+    """clip_embed (tiny, d=256) -> aesthetic head -> NSFW head -> score filters -> DataComp's
+    image-based filter (nearest centroid, target clusters): local == Ray, the report draws the score
+    columns with their thresholds."""
     import pyarrow.parquet as pq
     import torch
     from helpers import read_dir, rows_by_uid
@@ -196,6 +197,12 @@ def test_heads_and_score_filters_on_both_runners(ray_cluster, tmp_path):
     torch.save(aesthetic.state_dict(), tmp_path / "aesthetic.pth")
     torch.save(build_head("mlp", 256, [32], "relu").state_dict(), tmp_path / "nsfw.pt")
     n = 24
+    from curate.table_ops import prepare_for_stages
+
+    probe = prepare_for_stages(pa.table({S.UID: [f"p{i}" for i in range(6)], S.IMAGE: [_jpeg(i) for i in range(6)],
+                                         S.CAPTION: ["x"] * 6}))
+    emb = curate.create_stage("clip_embed")(probe).table[S.IMAGE_EMBEDDING]  # the run's own embeddings
+    np.save(tmp_path / "centroids.npy", np.array(emb.to_pylist(), np.float32))  # rows 0-5 are the centroids
     pq.write_table(pa.table({"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(n)],
                              "caption": [f"a photo number {i} of something" for i in range(n)],
                              "jpg": [_jpeg(i) for i in range(n)]}), tmp_path / "in.parquet")
@@ -209,6 +216,8 @@ def test_heads_and_score_filters_on_both_runners(ray_cluster, tmp_path):
                        {"stage": "embedding_head", "preset": "laion_aesthetic", "weights": str(tmp_path / "aesthetic.pth")},
                        {"stage": "embedding_head", "id": "nsfw", "column": "punsafe", "hidden": [32],
                         "output": "sigmoid", "weights": str(tmp_path / "nsfw.pt")},
+                       {"stage": "image_cluster", "centroids_path": str(tmp_path / "centroids.npy")},
+                       {"stage": "cluster", "targets": [0, 1, 2]},
                        {"stage": "score", "id": "unsafe", "column": "punsafe", "max": 0.5},
                        {"stage": "score", "id": "aesthetic", "column": "aesthetic_score", "min": -1e9}],
         })
@@ -218,8 +227,12 @@ def test_heads_and_score_filters_on_both_runners(ray_cluster, tmp_path):
     assert rows_by_uid(a) == rows_by_uid(b) and rows_by_uid(ra) == rows_by_uid(rb)
     both = pa.concat_tables([a, ra], promote_options="permissive")
     assert both.num_rows == n and both["punsafe"].null_count == 0 and both[S.AESTHETIC_SCORE].null_count == 0
-    unsafe = both.filter(pc.greater(both["punsafe"], 0.5))
+    assert both[S.IMAGE_CLUSTER].null_count == 0
+    inside = pc.is_in(both[S.IMAGE_CLUSTER], pa.array([0, 1, 2], pa.int32()))
+    outside = both.filter(pc.invert(inside))
+    assert 0 < outside.num_rows < n and set(outside[S.REJECT_REASON].to_pylist()) == {"cluster_not_in_target"}
+    unsafe = both.filter(pc.and_(inside, pc.greater(both["punsafe"], 0.5)))
     assert set(unsafe[S.REJECT_REASON].to_pylist()) <= {"punsafe_too_high"}
-    assert a.num_rows == n - unsafe.num_rows
+    assert a.num_rows == n - outside.num_rows - unsafe.num_rows
     page = (outs["local"].output / "report.html").read_text()
     assert "punsafe" in page and "unsafe: keep ≤ 0.5" in page and "Aesthetic score" in page

@@ -1,10 +1,18 @@
-"""``language_id``: offline language identification of the caption (py3langid, model inside the package).
+"""``language_id``: offline language identification of the caption.
 
-Writes ``language`` (ISO 639-1 code) and ``language_score`` (py3langid's normalised
-probability, 0..1).  Empty or missing captions get nulls.  Optional ``candidates``
-restricts the decision to a set of languages (py3langid ``set_languages``), which makes
-short alt-text much less likely to be mistaken for a rare language.  The ``language``
-filter thresholds these columns; this stage rejects nothing.
+Backends:
+
+* ``py3langid`` (default; its model is inside the package): ``language`` is the ISO 639-1 code,
+  ``language_score`` py3langid's normalised probability (0..1).  Optional ``candidates`` restricts
+  the decision to a set of languages (py3langid ``set_languages``), which makes short alt-text much
+  less likely to be mistaken for a rare language.
+* ``fasttext``: a fastText classifier file (``model_path``: ``lid.176.bin`` / ``lid.176.ftz``, as
+  DataComp's basic filter uses it): the top-1 label without ``__label__`` and its probability, on
+  the caption with newlines replaced by spaces (DataComp's rule).  Needs ``pip install
+  fasttext-wheel`` (or ``fasttext``).
+
+Empty or missing captions get nulls.  The ``language`` filter thresholds these columns; this stage
+rejects nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import threading
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from curate import schema as S
 from curate.registry import register
@@ -27,8 +35,19 @@ log = logging.getLogger(__name__)
 
 class LanguageIdParams(StageParams):
     stage: Literal["language_id"] = "language_id"
-    candidates: list[str] | None = Field(None, description="ISO 639-1 codes to choose from (default: all 97 "
-                                         "languages of py3langid)")
+    backend: Literal["py3langid", "fasttext"] = Field("py3langid", description="py3langid (built in) or fasttext "
+                                                      "(model_path: lid.176.bin, DataComp's)")
+    model_path: str | None = Field(None, description="fasttext: the classifier file (lid.176.bin / .ftz)")
+    candidates: list[str] | None = Field(None, description="py3langid: ISO 639-1 codes to choose from (default: all "
+                                         "97 languages of py3langid)")
+
+    @model_validator(mode="after")
+    def _backend(self) -> "LanguageIdParams":
+        if self.backend == "fasttext" and not self.model_path:
+            raise ValueError("backend fasttext needs model_path (lid.176.bin)")
+        if self.backend == "fasttext" and self.candidates:
+            raise ValueError("candidates is py3langid's: fastText decides over its own labels")
+        return self
 
 
 _LOCK = threading.Lock()
@@ -67,6 +86,9 @@ class LanguageId(MapStage):
     params: LanguageIdParams
 
     def setup(self) -> None:
+        if self.params.backend == "fasttext":
+            self._ft = _fasttext(self.params.model_path)
+            return
         self._ident = _identifier()
         if self.params.candidates:
             unknown = sorted(set(self.params.candidates) - set(self._ident.nb_classes))
@@ -85,11 +107,30 @@ class LanguageId(MapStage):
                 langs.append(None)
                 scores.append(None)
                 continue
-            lang, prob = self._ident.classify(text)
+            if self.params.backend == "fasttext":
+                ((prob, label),) = self._ft.f.predict(text, 1, 0.0, "replace")  # top-1, as DataComp
+                lang = label.removeprefix("__label__")
+            else:
+                lang, prob = self._ident.classify(text)
             langs.append(lang)
             scores.append(float(prob))
         table = with_column(table, S.LANGUAGE, langs)
         return with_column(table, S.LANGUAGE_SCORE, scores)
 
     def describe(self) -> dict[str, Any]:
+        if self.params.backend == "fasttext":
+            return {"detector": f"fastText {self.params.model_path} (top-1 label)"}
         return {"detector": "py3langid (normalised probabilities)", "candidates": self.params.candidates}
+
+
+def _fasttext(path: str) -> Any:
+    """A fastText model (its C++ predict is called directly: the Python wrapper's predict breaks on numpy 2)."""
+    from curate.stage import StageError
+
+    try:
+        import fasttext
+    except ImportError:
+        raise StageError("language_id backend fasttext: pip install fasttext-wheel (or fasttext)") from None
+    if not os.path.isfile(path):
+        raise StageError(f"language_id: fastText model {path}: no such file")
+    return fasttext.FastText._FastText(model_path=path)  # load_model() minus its warning on stderr
