@@ -72,6 +72,9 @@ class _StageActor:
         self.stage = _build_stage(params, ray.get(state[0]) if state else None)
         self.index = index
         self.write = write  # the segment's last stage writes its own output (no hop to a write task)
+        final = write[-1] if write else None
+        if final is not None:  # finishing a shard runs this stage on earlier rejects: the loaded one, not a copy
+            final.segment.maps = [self.stage if st.id == self.stage.id else st for st in final.segment.maps]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = _timed(self.stage, self.index, batch)
