@@ -9,7 +9,6 @@ recomputed from the files by ``curate.query.output_stats``), :func:`stage_line` 
 from __future__ import annotations
 
 import json
-import pickle
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -93,8 +92,10 @@ def build_stats(layout: Layout, stage_ids: list[str], stages: list, config: Any,
         st = described.get(sid)
         if st is None:
             return {"seconds": seconds.get(sid, 0.0)}
-        if st.needs_fit and st.state is None and layout.state_file(sid).exists():
-            st.set_state(pickle.loads(layout.state_file(sid).read_bytes()))  # its segment was done before
+        if st.needs_fit and st.state is None:
+            from curate.runners.base import restore_state
+
+            restore_state(st, layout)  # its segment was done before this run
         return {"stage": st.name, "seconds": seconds.get(sid, 0.0), "info": st.describe(),
                 "thresholds": st.thresholds()}
 

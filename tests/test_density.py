@@ -160,3 +160,12 @@ def test_on_both_runners_with_semantic_dedup_clusters(ray_cluster, tmp_path):
     reaching = st["density_prune"]["rows_in"]
     assert st["density_prune"]["rows_out"] == reaching // 2
     assert st["density_prune"]["rejected"] == {"density_pruned": reaching - reaching // 2}
+
+
+def test_without_clusters_to_share_it_trains_its_own_on_a_sample():
+    t, _ = _corpus(3)
+    stage = curate.create_stage("density_prune", keep_fraction=0.4, n_clusters=4, clusters_from=None)
+    stage.set_state(stage.fit(FitContext.from_table(t)))
+    out = stage(t).table
+    assert stage.state["centroids"] == "trained here" and stage.state["n_clusters"] == 4
+    assert pc.sum(pc.is_null(out[S.REJECT_REASON])).as_py() == int(0.4 * t.num_rows)

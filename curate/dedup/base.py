@@ -113,12 +113,10 @@ def check_columns(stage: GlobalStage, ctx: Any, needed: tuple[str, ...], keep: s
     return schema
 
 
-class DedupStage(GlobalStage):
-    """Base of the dedup stages: ``fit`` writes decision files, ``process`` applies them."""
+class DecisionStage(GlobalStage):
+    """A global stage whose ``fit`` writes decision files (``store.compact_decisions``, its state's
+    ``decisions``, with ``removed`` rows) and whose ``process`` looks the batch's rows up in them."""
 
-    needs = (S.UID, S.SHARD)
-    produces = (S.DUPLICATE_OF, S.DUPLICATE_KIND)
-    duplicate_kind: ClassVar[str] = ""
     default_resources = Resources(num_cpus=0.5, batch_size=65536, stateful=True)
 
     def setup(self) -> None:
@@ -126,10 +124,26 @@ class DedupStage(GlobalStage):
 
         self._reader = DecisionReader((self.state or {}).get("decisions"))
 
-    def process(self, table: pa.Table) -> pa.Table:
+    def removed(self, table: pa.Table) -> tuple[list, list, list] | None:
+        """(removed?, duplicate_of, detail) per row of ``table``, or None when none of its rows is removed."""
         if not (self.state or {}).get("removed"):
-            return table
-        found = self._reader.lookup(table[S.SHARD], table[S.UID])
+            return None
+        return self._reader.lookup(table[S.SHARD], table[S.UID])
+
+    def describe(self) -> dict[str, Any]:
+        st = self.state or {}
+        return {k: v for k, v in st.items() if k != "decisions"}
+
+
+class DedupStage(DecisionStage):
+    """Base of the dedup stages: ``fit`` writes decision files, ``process`` applies them."""
+
+    needs = (S.UID, S.SHARD)
+    produces = (S.DUPLICATE_OF, S.DUPLICATE_KIND)
+    duplicate_kind: ClassVar[str] = ""
+
+    def process(self, table: pa.Table) -> pa.Table:
+        found = self.removed(table)
         if found is None:
             return table
         mask, dup_of, detail = found
@@ -139,7 +153,3 @@ class DedupStage(GlobalStage):
             old = table[col] if col in table.column_names else pa.nulls(table.num_rows, pa.string())
             table = with_column(table, col, pc.if_else(mask_arr, new, old))
         return self.reject(table, mask_arr, "duplicate", pa.array(detail, pa.string()))
-
-    def describe(self) -> dict[str, Any]:
-        st = self.state or {}
-        return {k: v for k, v in st.items() if k != "decisions"}

@@ -51,6 +51,15 @@ def ingest_task(args: tuple[int, Entry, InputConfig, Layout, str, Any]) -> list[
     return shards
 
 
+def restore_state(stage: GlobalStage, layout: Layout) -> bool:
+    """Give ``stage`` the state a fit saved before (resume, or a segment done by an earlier run)."""
+    state_file = layout.state_file(stage.id)
+    if not state_file.exists():
+        return False
+    stage.set_state(pickle.loads(state_file.read_bytes()))
+    return True
+
+
 class Runner:
     kind = "base"
     parallelism = 1
@@ -78,10 +87,9 @@ class Runner:
     def fit(self, stage: GlobalStage, inputs: dict[str, str], rows: int, layout: Layout) -> None:
         """Fit a global stage on its inputs (a view or ingest file per shard; ``rows`` live rows in all)
         with this runner's ``map``, and persist its state: a state already saved is loaded instead (resume)."""
-        state_file = layout.state_file(stage.id)
-        if state_file.exists():
-            stage.set_state(pickle.loads(state_file.read_bytes()))
+        if restore_state(stage, layout):
             return
+        state_file = layout.state_file(stage.id)
         state_file.parent.mkdir(parents=True, exist_ok=True)
         ctx = FitContext(sorted(inputs.values()), state_file.parent, self, self.parallelism, rows)
         t0 = time.perf_counter()

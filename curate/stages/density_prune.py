@@ -41,9 +41,9 @@ from pydantic import Field
 
 from curate import schema as S
 from curate.dedup import store, vectors
-from curate.dedup.base import check_columns
+from curate.dedup.base import DecisionStage, check_columns
 from curate.registry import register
-from curate.stage import GlobalStage, Resources, StageError, StageParams
+from curate.stage import StageError, StageParams
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,22 @@ def _assign(args: tuple) -> tuple[np.ndarray, np.ndarray]:
     return counts, sums
 
 
+def _sample(args: tuple[list[str], int, int]) -> list[np.ndarray]:
+    """The k-means sample rows of a group of input files: ``crc32(uid) % total < want``."""
+    import zlib
+
+    from curate.stages.dedup_semantic import _read_active
+
+    files, total, want = args
+    out = []
+    for path in files:
+        t, x = _read_active(path, [S.UID], S.IMAGE_EMBEDDING)
+        if t.num_rows:
+            h = np.array([zlib.crc32(u.encode()) for u in t[S.UID].to_pylist()])
+            out.append(x[h % total < want])
+    return out
+
+
 def _order_key(t: pa.Table, keep: str, seed: int) -> np.ndarray:
     """Sort key inside a cluster: the first rows are kept."""
     if keep == "hard":
@@ -168,11 +184,10 @@ def _select(args: tuple) -> int:
 
 
 @register
-class DensityPrune(GlobalStage):
+class DensityPrune(DecisionStage):
     name = "density_prune"
     Params = DensityPruneParams
     needs = (S.UID, S.SHARD, S.IMAGE_EMBEDDING)
-    default_resources = Resources(num_cpus=0.5, batch_size=65536, stateful=True)
     params: DensityPruneParams
 
     def fit(self, ctx: Any) -> Any:
@@ -223,18 +238,12 @@ class DensityPrune(GlobalStage):
 
     def _train(self, ctx: Any, work: Path) -> str:
         """No clustering to share: spherical k-means (FAISS) on a sample of at most 256 rows per centroid."""
-        from curate.stages.dedup_semantic import _read_active
-
         p = self.params
         total = max(1, ctx.total_rows or 1)
         k = p.n_clusters or max(1, math.ceil(total / 2000))
         want = min(total, k * vectors.FAISS_MAX_POINTS)
-        xs = []
-        for path in ctx.paths:  # a uid-hash sample, in input order (bounded: k * 256 rows)
-            t, x = _read_active(path, [S.UID], S.IMAGE_EMBEDDING)
-            if t.num_rows:
-                h = np.array([zlib_hash(u) for u in t[S.UID].to_pylist()])
-                xs.append(x[h % total < want])
+        # a uid-hash sample (bounded: k * 256 rows), read by mapped tasks, kept in input order
+        xs = [x for part in ctx.map(_sample, [(g, total, want) for g in store.file_groups(ctx.paths)]) for x in part]
         if not xs or sum(len(x) for x in xs) == 0:
             raise StageError(f"{self.id}: no row has an image_embedding (put clip_embed before it)")
         x = np.concatenate(xs).astype(np.float32)
@@ -242,25 +251,9 @@ class DensityPrune(GlobalStage):
         np.save(out, vectors.spherical_kmeans(x, min(k, len(x)), 20, p.seed))
         return str(out)
 
-    def setup(self) -> None:
-        from curate.dedup.store import DecisionReader
-
-        self._reader = DecisionReader((self.state or {}).get("decisions"))
-
     def process(self, table: pa.Table) -> pa.Table:
-        if not (self.state or {}).get("removed"):
-            return table
-        found = self._reader.lookup(table[S.SHARD], table[S.UID])
+        found = self.removed(table)
         if found is None:
             return table
         mask, _, detail = found
         return self.reject(table, pa.array(mask, pa.bool_()), "density_pruned", pa.array(detail, pa.string()))
-
-    def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in (self.state or {}).items() if k != "decisions"}
-
-
-def zlib_hash(uid: str) -> int:
-    import zlib
-
-    return zlib.crc32(uid.encode())
