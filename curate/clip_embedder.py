@@ -15,6 +15,9 @@ Throughput design:
   each trimmed to its length bucket instead of the full 77-token context
   (exact for causal CLIP text towers pooled at EOT; checked numerically at
   load, else the full context is used).
+* ``decode="gpu"``: JPEG rows are decoded, resized and cropped as tensor ops on the model's device
+  (:mod:`curate.gpu_decode`, batched nvJPEG on CUDA); the threads then only read headers (and
+  decode the other rows with PIL).  A row the device cannot decode falls back to PIL, alone.
 * Batch invariance: forward batches are padded to a multiple of 8 rows and a
   caption's length bucket depends only on itself, so a row's embedding is
   bit-identical whatever the batching (shard size, runner, thread count) --
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +45,8 @@ CHARS_PER_TOKEN_BOUND = 50
 ROW_ALIGN = 8
 #: forward batches decoded ahead of those in flight (bounds host memory per call)
 PREFETCH_BATCHES = 2
+#: a row queued for the tensor (device) decode path
+_TENSOR = "\0tensor"
 
 
 def _aligned(rows: int) -> int:
@@ -78,7 +85,8 @@ class ClipEmbedder:
     """Batched image + caption embedding: threads decode, ``workers`` threads run forward passes."""
 
     def __init__(self, loaded: LoadedClip, device: Any, precision: str = "auto", batch_size: int | None = None,
-                 decode_threads: int | None = None, threads: int | None = None) -> None:
+                 decode_threads: int | None = None, threads: int | None = None, decode: str = "cpu",
+                 max_decode_pixels: int | None = None) -> None:
         import torch
         from concurrent.futures import ThreadPoolExecutor
 
@@ -100,6 +108,17 @@ class ClipEmbedder:
             self.scale = (1.0 / (255.0 * std)).float().to(device)
             self.shift = (-mean / std).float().to(device)
         self.max_chars = loaded.context_length * CHARS_PER_TOKEN_BOUND
+        self.tensor = None  # the device decode path (decode="gpu"), when the model's transform allows it
+        if decode == "gpu" and loaded.pil_part is not None:
+            from curate.gpu_decode import MAX_PIXELS, TensorDecoder, tensor_transform
+
+            tf = tensor_transform(loaded.pil_part, loaded.image_size)
+            self.tensor = TensorDecoder(tf, device) if tf is not None else None
+            self.max_decode_pixels = max_decode_pixels or MAX_PIXELS
+        self.decode = "gpu" if self.tensor is not None else "cpu"
+        #: rows decoded per path: tensor (on the device), cpu (PIL), fallback (device failed, then PIL)
+        self.counts: Counter = Counter()
+        self._count_lock = threading.Lock()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -129,6 +148,36 @@ class ClipEmbedder:
             slot.zero_()
             return f"{type(e).__name__}: {e}"[:500]
 
+    def _route(self, data: bytes | None, slot: Any) -> Any:
+        """In a decode thread: a JPEG the device may decode -> (h, w) from its header (the row waits for
+        the batched device decode); any other row is decoded by PIL into its slot here."""
+        if self.tensor is not None:
+            from curate.gpu_decode import jpeg_size
+
+            size = jpeg_size(data, self.max_decode_pixels)
+            if size is not None:
+                return _TENSOR, size
+        return self._decode_into(data, slot)
+
+    def _device_decode(self, datas: list, buf: Any, results: list) -> tuple[list[str | None], list, list]:
+        """Batched device decode of the rows routed to it; failures are decoded by PIL into ``buf``.
+        Returns (errors per row, rows decoded on the device, their uint8 (3, h, w) images)."""
+        rows = [j for j, r in enumerate(results) if isinstance(r, tuple) and r[0] == _TENSOR]
+        routed = set(rows)
+        errors = [None if j in routed else r for j, r in enumerate(results)]
+        got = self.tensor([datas[j] for j in rows], [results[j][1] for j in rows]) if rows else []
+        done, images, failed = [], [], 0
+        for j, im in zip(rows, got):
+            if im is None:
+                failed += 1
+                errors[j] = self._decode_into(datas[j], buf[j])
+            else:
+                done.append(j)
+                images.append(im)
+        with self._count_lock:
+            self.counts.update(tensor=len(done), cpu=len(results) - len(rows), fallback=failed)
+        return errors, done, images
+
     def tokenize(self, captions: list[str | None]) -> Any:
         return self.clip.tokenizer([(c or "")[: self.max_chars] for c in captions])
 
@@ -140,7 +189,8 @@ class ClipEmbedder:
         with torch.inference_mode(False):  # the decoding threads write into it outside inference mode
             buf = torch.empty((_aligned(rows),) + self.slot_shape, dtype=self.slot_dtype, pin_memory=self.pin)
         buf[rows:].zero_()  # padding rows: fixed shapes keep every row's result batch-independent
-        return start, buf, [self.pool.submit(self._decode_into, images[start + j], buf[j]) for j in range(rows)]
+        futs = [self.pool.submit(self._route, images[start + j], buf[j]) for j in range(rows)]
+        return start, buf, futs, images[start: start + rows]
 
     # -- forward passes (run in the compute threads; inference mode and autocast are per thread) ---
     def _to_device(self, t: Any) -> Any:
@@ -148,14 +198,22 @@ class ClipEmbedder:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    def _image_task(self, job: tuple[int, Any, list]) -> tuple[int, Any, list[str | None]]:
+    def _image_task(self, job: tuple[int, Any, list, list]) -> tuple[int, Any, list[str | None]]:
         import torch
         import torch.nn.functional as F
 
-        start, buf, futs = job
-        errors = [f.result() for f in futs]
+        start, buf, futs, datas = job
+        errors, done, images = [f.result() for f in futs], [], []
+        if self.tensor is not None:
+            with torch.inference_mode():
+                errors, done, images = self._device_decode(datas, buf, errors)
+        else:
+            with self._count_lock:
+                self.counts.update(cpu=len(futs))
         with torch.inference_mode():
             x = buf.to(self.device, non_blocking=True)
+            if done:  # (B, H, W, 3) like the PIL rows
+                x[torch.tensor(done, device=self.device)] = torch.stack(images).permute(0, 2, 3, 1)
             if self.clip.pil_part is not None:
                 x = torch.addcmul(self.shift, x.permute(0, 3, 1, 2).float(), self.scale)
             with self.autocast():

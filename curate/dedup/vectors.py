@@ -20,9 +20,18 @@ Fast searches only propose candidates, with a margin above their worst-case roun
   precision used or the thread count; only the number of candidates re-checked does.
 
 k-means (:func:`spherical_kmeans`) is FAISS's ``faiss.Kmeans(spherical=True)`` -- the call the
-SemDeDup reference makes -- always on the CPU, so the centroids do not depend on a GPU.  FAISS's
-CPU k-means gives the same centroids for any thread count (checked in the tests); another FAISS
-or BLAS build may round differently and so move a few rows between clusters.  (Before, curate ran
+SemDeDup reference makes -- on the CPU, or with ``device="cuda"`` on one GPU (what ``gpu=True``
+does, on the process's first GPU: the assignment searches run on a GPU flat index; sampling, initialisation and centroid updates stay
+FAISS's CPU code, from the same seed).  FAISS's CPU k-means gives the same centroids for any
+thread count (checked in the tests); the GPU's float32 products round differently from the CPU
+BLAS, so a row whose two best centroids are within rounding of each other may be assigned
+differently during training -- on data without such near-ties the centroids are the CPU ones.
+Another FAISS or BLAS build may likewise move a few rows between clusters.
+
+GPU switch: every function taking ``device`` runs its ``"cuda"`` branch -- FAISS k-NN searches
+(:func:`knn_search`) instead of the torch products, growing-k pair search -- with CPU FAISS indexes
+when FAISS sees no GPU (one warning per process and function), so that branch is tested on CPUs and
+gives the same results as the CPU branch (same candidates after the float64 re-check).  (Before, curate ran
 its own float64 Lloyd loop: slower, device-independent, but unable to reproduce SemDeDup's
 clustering.)  Assignments to the centroids are exact as above.
 """
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from contextlib import contextmanager
 from functools import lru_cache
@@ -80,6 +90,22 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+_warned: set[str] = set()
+
+
+def faiss_gpu(device: str, what: str) -> bool:
+    """Whether ``device`` asks for a GPU and FAISS has one; when it asks and FAISS has none, the GPU code
+    path runs on CPU FAISS indexes and a warning (once per process and ``what``) says so."""
+    if device != "cuda":
+        return False
+    if gpu_available():
+        return True
+    if what not in _warned:
+        _warned.add(what)
+        log.warning("%s: device cuda but FAISS sees no GPU: running the GPU code path on the CPU", what)
+    return False
+
+
 def resolve_device(device: str) -> str:
     if device == "cpu":
         return "cpu"
@@ -121,11 +147,21 @@ def parallel_map(fn: Callable[[T], R], items: list[T]) -> list[R]:
         return list(pool.map(fn, items))
 
 
+_gpu_local = threading.local()
+
+
 def _setup(device: str):
+    """(faiss, GPU resources or None); one ``StandardGpuResources`` per thread, kept (creating one per
+    search would allocate its scratch memory and cuBLAS handle again every time)."""
     faiss = import_faiss()
 
     faiss.omp_set_num_threads(_threads())
-    return faiss, (faiss.StandardGpuResources() if device == "cuda" else None)
+    if device != "cuda":
+        return faiss, None
+    res = getattr(_gpu_local, "res", None)
+    if res is None:
+        res = _gpu_local.res = faiss.StandardGpuResources()
+    return faiss, res
 
 
 @lru_cache(maxsize=1)
@@ -192,8 +228,10 @@ def _tensor(a: np.ndarray) -> "torch.Tensor":  # noqa: F821
         return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _knn(x32: np.ndarray, base32: np.ndarray, k: int, device: str):
-    faiss, res = _setup(device)
+def knn_search(x32: np.ndarray, base32: np.ndarray, k: int, device: str):
+    """FAISS exact inner-product k-NN: (scores, ids); a GPU flat search when ``device="cuda"`` and FAISS
+    has a GPU, else a CPU ``IndexFlatIP`` (see :func:`faiss_gpu`)."""
+    faiss, res = _setup("cuda" if faiss_gpu(device, "FAISS k-NN search") else "cpu")
     if res is not None:
         return faiss.knn_gpu(res, x32, base32, k, metric=faiss.METRIC_INNER_PRODUCT)
     index = faiss.IndexFlatIP(base32.shape[1])
@@ -207,7 +245,7 @@ def _top_centroids(raw: np.ndarray, c32: np.ndarray, k: int,
     the rows' float32 norms (FAISS on the GPU, torch matmul + top-k on the CPU)."""
     if device == "cuda":
         x32 = np.ascontiguousarray(raw, np.float32)
-        return (*_knn(x32, c32, k, device), np.linalg.norm(x32, axis=1))
+        return (*knn_search(x32, c32, k, device), np.linalg.norm(x32, axis=1))
     import torch
 
     x32 = _tensor(raw).float()
@@ -378,13 +416,13 @@ def similar_pairs(x: np.ndarray, threshold: float, device: str = "cpu", parallel
     if n < 2:
         return empty
     if device == "cuda" and n > _DENSE_MAX:
-        i, j = _pairs_gpu(_unit_rows(x, _torch().float32).numpy(), threshold - MARGIN)
+        i, j = knn_pairs(_unit_rows(x, _torch().float32).numpy(), threshold - MARGIN)
     else:
         i, j = _cpu_candidates(x, threshold, parallel)
     return _verify(x, i.astype(np.int64), j.astype(np.int64), threshold)
 
 
-def _pairs_gpu(x32: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray]:
+def knn_pairs(x32: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray]:
     """GPU FAISS has no range search on flat indexes: k-NN with k grown until it covers every
     neighbour above ``low``; rows needing more than the GPU's k limit use the CPU range search."""
     n = len(x32)
@@ -392,7 +430,7 @@ def _pairs_gpu(x32: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray]:
     rows = np.arange(n)
     k = min(n, 64)
     while len(rows):
-        sims, nbr = _knn(x32[rows], x32, k, "cuda")
+        sims, nbr = knn_search(x32[rows], x32, k, "cuda")
         full = (sims[:, -1] > low) & (k < n)
         done = ~full
         r, c = np.nonzero((sims > low) & done[:, None])
@@ -432,9 +470,10 @@ def faiss_training_rows(n: int, k: int, seed: int) -> np.ndarray | None:
     return perm[:k * FAISS_MAX_POINTS].astype(np.int64)
 
 
-def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
+def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, device: str = "cpu") -> np.ndarray:
     """``faiss.Kmeans(d, k, niter=iterations, seed=seed, spherical=True)`` trained on the rows of
-    ``x`` as given (float32, in the given order, on the CPU); returns (k, d) float64 unit centroids.
+    ``x`` as given (float32, in the given order; ``device="cuda"``: assignment searches on one GPU when
+    FAISS has one, see :func:`faiss_gpu`); returns (k, d) float64 unit centroids.
 
     This is the SemDeDup reference's clustering call: FAISS draws its initial centroids with
     ``seed`` and, beyond 256 rows per centroid, trains on a random subset of that size (its
@@ -448,5 +487,8 @@ def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> np.nd
     faiss.omp_set_num_threads(_threads())
     km = faiss.Kmeans(d, k, niter=iterations, seed=seed, spherical=True, verbose=False, gpu=False,
                       min_points_per_centroid=1, max_points_per_centroid=FAISS_MAX_POINTS)
+    if faiss_gpu(device, "FAISS k-means"):  # what gpu=True does, on this process's first GPU only
+        _, res = _setup("cuda")
+        km.index = faiss.index_cpu_to_gpu(res, 0, faiss.IndexFlatIP(d))
     km.train(x32)
     return normalise(km.centroids.astype(np.float64))

@@ -172,10 +172,17 @@ def iter_img2dataset(path: Path, batch_rows: int, max_member_bytes: int) -> Iter
         log.warning("%s: %d images in %s have no row in the parquet file (ignored)", path, len(pending), tar_path.name)
 
 
-def describe_images(images: list[bytes | None], max_pixels: int) -> list[tuple[Any, ...]]:
-    """Per image: (sha256, width, height, reason, detail); reason None when usable.  Header only."""
+def image_header(data: bytes) -> tuple[str | None, str, int, int]:
+    """(format, mode, width, height) from the image's header alone (nothing is decoded); raises when the
+    header cannot be read.  Headers can lie: a decoder must still check what it gets against them."""
     from PIL import Image
 
+    with Image.open(io.BytesIO(data)) as im:
+        return im.format, im.mode, int(im.width), int(im.height)
+
+
+def describe_images(images: list[bytes | None], max_pixels: int) -> list[tuple[Any, ...]]:
+    """Per image: (sha256, width, height, reason, detail); reason None when usable.  Header only."""
     out = []
     for b in images:
         if b is None:
@@ -183,8 +190,7 @@ def describe_images(images: list[bytes | None], max_pixels: int) -> list[tuple[A
             continue
         sha = hashlib.sha256(b).hexdigest()
         try:
-            with Image.open(io.BytesIO(b)) as im:
-                w, h = im.size
+            _, _, w, h = image_header(b)
         except Exception as e:  # noqa: BLE001 - any unreadable header is this row's problem only
             out.append((sha, None, None, "decode_failed", f"cannot read the image header: {type(e).__name__}"))
             continue

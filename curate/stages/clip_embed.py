@@ -17,6 +17,15 @@ buffers, batched forward under ``inference_mode`` with bf16/fp16 autocast on
 CUDA, decode of batch k+1 overlapping the forward of batch k).  Under the Ray
 runner the stage is an actor pool; give it ``num_gpus: 1`` to put one model
 per GPU.
+
+Decoding (``decode``): ``cpu`` -- PIL in threads; ``gpu`` -- JPEG rows decoded in batches with
+``torchvision.io.decode_jpeg`` on the model's device and resized/cropped/normalised there as tensor ops
+mirroring the model's open_clip transform (:mod:`curate.gpu_decode`); other formats, rows over
+``max_decode_pixels`` and rows the device fails on take the CPU path, row by row.  ``auto`` (default):
+``gpu`` when the model runs on CUDA, else ``cpu``.  ``gpu`` with the model on the CPU runs the same
+tensor path on the CPU (torchvision's libjpeg decoder; a warning says so) -- what the tests compare with
+the PIL path.  The rows decoded on each path are counted (``ClipEmbed.decode_counts``, logged when the
+stage is torn down).
 """
 
 from __future__ import annotations
@@ -55,6 +64,12 @@ class ClipEmbedParams(StageParams):
     threads: int | None = Field(None, ge=1, description="CPU only: forward passes running at once, each "
                                 "single-threaded (default: OMP_NUM_THREADS if set, e.g. by Ray, else all cores)")
     seed: int = Field(0, description="seed of the random initialisation (random weights only)")
+    decode: Literal["cpu", "gpu", "auto"] = Field(
+        "auto", description="where JPEGs are decoded and preprocessed: cpu (PIL threads), gpu (batched "
+        "decode_jpeg + tensor ops on the model's device; other formats and failed rows: CPU), auto: gpu "
+        "when the model runs on CUDA")
+    max_decode_pixels: int = Field(4096 * 4096, ge=1, description="decode gpu: JPEGs whose header claims more "
+                                   "pixels take the CPU path (bounds device memory per row)")
 
 
 @register
@@ -87,13 +102,37 @@ class ClipEmbed(MapStage):
         except Exception as e:  # noqa: BLE001 - bad name/tag/path, offline without cache...
             hint = "" if not p.pretrained else " (offline? put the weights in the open_clip/HF cache or give a path)"
             raise StageError(f"clip_embed: cannot load model {p.model!r} pretrained={p.pretrained!r}: {e}{hint}") from e
-        self._embedder = ClipEmbedder(loaded, device, p.precision, p.batch_size, p.decode_threads, p.threads)
+        decode = p.decode if p.decode != "auto" else ("gpu" if device.type == "cuda" else "cpu")
+        if p.decode == "gpu" and device.type != "cuda":
+            log.warning("clip_embed: decode: gpu but the model runs on %s: the tensor decode path runs there "
+                        "(torchvision's CPU JPEG decoder), not on a GPU", device)
+        self._embedder = ClipEmbedder(loaded, device, p.precision, p.batch_size, p.decode_threads, p.threads,
+                                      decode, p.max_decode_pixels)
+        if decode == "gpu" and self._embedder.decode != "gpu":
+            log.warning("clip_embed: decode: gpu unavailable for %s (its transform has no tensor equivalent): "
+                        "decoding on the CPU", p.model)
         if loaded.random_init:
             log.warning(RANDOM_WEIGHTS_WARNING.format(model=p.model))
         e = self._embedder
-        log.info("clip_embed: %s on %s (%s, batch %d, %d forward worker(s), %d decode threads, text trimming %s)",
-                 self.label, device, e.precision, e.batch_size, e.workers, e.decode_threads,
-                 "on" if loaded.trim_text else "off")
+        log.info("clip_embed: %s on %s (%s, batch %d, %d forward worker(s), %d decode threads, decode %s, "
+                 "text trimming %s)", self.label, device, e.precision, e.batch_size, e.workers, e.decode_threads,
+                 e.decode, "on" if loaded.trim_text else "off")
+
+    @property
+    def decode_counts(self) -> dict[str, int]:
+        """Rows decoded since setup: ``tensor`` (on the model's device), ``cpu`` (PIL: decode cpu, other
+        formats, over max_decode_pixels), ``fallback`` (the device failed, then PIL)."""
+        e = getattr(self, "_embedder", None)
+        return {k: int(e.counts.get(k, 0)) if e else 0 for k in ("tensor", "cpu", "fallback")}
+
+    def teardown(self) -> None:
+        c = self.decode_counts
+        if sum(c.values()):
+            log.info("clip_embed: rows decoded on the device %d, on the CPU %d, device failures redone on the "
+                     "CPU %d", c["tensor"], c["cpu"], c["fallback"])
+        e = getattr(self, "_embedder", None)
+        if e is not None:
+            e.close()
 
     def process(self, table: pa.Table) -> pa.Table:
         out = self._embedder.embed(table[S.IMAGE].to_pylist(), table[S.CAPTION].to_pylist())
@@ -109,7 +148,7 @@ class ClipEmbed(MapStage):
     def describe(self) -> dict[str, Any]:
         p = self.params
         info: dict[str, Any] = {"model": self.label, "pretrained": p.pretrained or None, "device": p.device,
-                                "precision": p.precision, "batch_size": p.batch_size or "auto (256 cuda / 64 cpu)"}
+                                "precision": p.precision, "decode": p.decode, "batch_size": p.batch_size or "auto (256 cuda / 64 cpu)"}
         if not (p.pretrained or "").strip():
             info["warning"] = RANDOM_WEIGHTS_WARNING.format(model=p.model)
         return info

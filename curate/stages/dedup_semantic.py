@@ -80,7 +80,10 @@ the input.  Under Ray the driver stays flat: 283 MB at 20,000 rows, 284 MB at 20
 Devices: the pairwise products run on the CPU (torch) -- on the GPU through FAISS when the
 installed FAISS has GPU support (``pip install 'curate[gpu]'``; ``device: auto``) -- and every
 decision is re-checked in float64 on the CPU, so both give the same result
-(:mod:`curate.dedup.vectors`).  Rows without an embedding are never semantic duplicates.
+(:mod:`curate.dedup.vectors`).  The k-means training follows ``kmeans_device`` (default: ``device``):
+on a GPU it is ``faiss.Kmeans`` with a GPU flat index (``gpu=True``), as SemDeDup's reference runs it -- same seed, same
+sample and initial centroids; the GPU's float32 rounding can move a near-tied row during training,
+so set ``kmeans_device: cpu`` for centroids that never depend on the hardware.  Rows without an embedding are never semantic duplicates.
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ class DedupSemanticParams(DedupParams):
     seed: int = Field(0, description="FAISS k-means seed (SemDeDup's seed; its config uses 1234)")
     rows_per_bucket: int = Field(100_000, ge=1, description="rows per cluster-bucket task")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="FAISS device (auto: GPU if FAISS has one)")
+    kmeans_device: Literal["auto", "cpu", "cuda"] | None = Field(
+        None, description="device of the k-means training (default: the same as device)")
     gpus_per_task: float = Field(1.0, gt=0, description="GPUs requested by each fit task on a Ray cluster with GPUs")
 
     @model_validator(mode="after")
@@ -243,7 +248,7 @@ def _train(args: tuple[list[str], int, int, int, str, str]) -> int:
     centroids are saved as ``out``.  Beyond 256 rows per centroid FAISS trains on a random subset
     (``faiss.rand_perm`` with the seed); those rows are picked here the same way
     (:func:`curate.dedup.vectors.faiss_training_rows`), so only they are loaded in float32."""
-    samples, k, iterations, seed, order, out = args
+    samples, k, iterations, seed, order, out, device = args
     keys_cols = [S.UID] if order == "uid" else [S.SHARD, S.SOURCE_ROW]
     keys = pa.concat_tables([pq.read_table(f, columns=keys_cols) for f in samples])
     n = keys.num_rows
@@ -261,7 +266,7 @@ def _train(args: tuple[list[str], int, int, int, str, str]) -> int:
         emb = _embeddings_of(pq.read_table(f, columns=["emb", "dtype"]))
         x32 = np.empty((len(rows), emb.shape[1]), np.float32) if x32 is None else x32
         x32[at] = emb[rows[at] - lo]
-    np.save(out, vectors.spherical_kmeans(x32, k, iterations, seed))
+    np.save(out, vectors.spherical_kmeans(x32, k, iterations, seed, device))
     return n
 
 
@@ -435,7 +440,7 @@ class DedupSemantic(DedupStage):
                                                  buckets, device)], num_gpus=gpus)[0]
             info.update(method="exact", **res)
         else:
-            centroids = self._centroids(ctx, [s for group in scans for _, _, s in group if s], n, work)
+            centroids = self._centroids(ctx, [s for group in scans for _, _, s in group if s], n, work, info)
             cb = store.n_partitions(n, p.rows_per_bucket)
             ctx.map(_assign, [(g, centroids, cb, str(work / "assign"), f"a{i:05d}", device)
                                            for i, g in enumerate(rows) if g], num_gpus=gpus)
@@ -455,16 +460,17 @@ class DedupSemantic(DedupStage):
                  info["rows_with_embedding"], info["removed"])
         return info
 
-    def _device(self, ctx: Any) -> tuple[str, float]:
+    def _device(self, ctx: Any, device: str | None = None) -> tuple[str, float]:
         p: DedupSemanticParams = self.params  # type: ignore[assignment]
-        if ctx.kind == "ray" and p.device != "cpu":
+        device = device or p.device
+        if ctx.kind == "ray" and device != "cpu":
             import ray
 
             if ray.cluster_resources().get("GPU", 0) > 0:
                 return "cuda", p.gpus_per_task
-        return vectors.resolve_device(p.device), 0.0
+        return vectors.resolve_device(device), 0.0
 
-    def _centroids(self, ctx: Any, samples: list[str], n: int, work: Path) -> str:
+    def _centroids(self, ctx: Any, samples: list[str], n: int, work: Path, info: dict[str, Any]) -> str:
         """Path of the (k, d) unit centroids: given ones, or trained in one task on the sample."""
         p: DedupSemanticParams = self.params  # type: ignore[assignment]
         out = work / "centroids.npy"
@@ -475,6 +481,9 @@ class DedupSemantic(DedupStage):
             raise StageError(f"stage {self.id!r}: no rows with {p.column} to train k-means on")
         k = p.n_clusters or math.ceil(n / p.rows_per_cluster)
         order = "input" if p.mode == "semdedup" else "uid"
-        log.info("%s: spherical k-means (FAISS), k=%d, %d iterations, seed %d", self.id, k, p.kmeans_iterations, p.seed)
-        ctx.map(_train, [(samples, k, p.kmeans_iterations, p.seed, order, str(out))])
+        device, gpus = self._device(ctx, p.kmeans_device or p.device)
+        info["kmeans_device"] = device
+        log.info("%s: spherical k-means (FAISS, %s), k=%d, %d iterations, seed %d", self.id, device, k,
+                 p.kmeans_iterations, p.seed)
+        ctx.map(_train, [(samples, k, p.kmeans_iterations, p.seed, order, str(out), device)], num_gpus=gpus)
         return str(out)
