@@ -114,6 +114,9 @@ def _extra_commands() -> list[Callable]:
         out.append(add_commands)
     except ImportError:
         pass
+    from curate.search_cli import add_commands as search_commands
+
+    out.append(search_commands)
     return out
 
 

@@ -57,8 +57,12 @@ def _mark(table: pa.Table, reason: str, stage_id: str, detail: str) -> pa.Table:
 
 
 def refilter(output_dir: str | Path, dest: str | Path, where: str, reason: str = "refiltered",
-             stage_id: str = "refilter", overwrite: bool = False, compression: str = "zstd") -> dict[str, Any]:
-    """Write the subset of ``output_dir``'s kept rows satisfying ``where`` as a new output at ``dest``."""
+             stage_id: str = "refilter", overwrite: bool = False, compression: str = "zstd",
+             readonly_sql: bool = False) -> dict[str, Any]:
+    """Write the subset of ``output_dir``'s kept rows satisfying ``where`` as a new output at ``dest``.
+
+    ``readonly_sql``: evaluate ``where`` in a DuckDB connection that can read nothing but the source's
+    ``data/`` (curate.sql_guard; for conditions from someone else, e.g. ``curate serve``)."""
     import duckdb
 
     src = Layout(Path(output_dir).expanduser().resolve())
@@ -78,6 +82,10 @@ def refilter(output_dir: str | Path, dest: str | Path, where: str, reason: str =
     t0 = time.perf_counter()
     detail = f"refilter: not ({where})"
     con = duckdb.connect()
+    if readonly_sql:
+        from curate.sql_guard import lock_down
+
+        lock_down(con, [src.data])
     kept_in = kept_out = 0
     try:
         for f in parquet_files(src.data):

@@ -164,3 +164,14 @@ def demo_run_local(demo_input, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run-local") / "out"
     return curate.run(demo_config(demo_input, out))
+
+
+@pytest.fixture(scope="session")
+def indexed_demo(demo_run_local, tmp_path_factory) -> Path:
+    """A copy of the session demo output with `curate index --text --rejected` built (the original stays as run)."""
+    from curate.index import build_index
+
+    out = tmp_path_factory.mktemp("indexed") / "out"
+    shutil.copytree(demo_run_local.output, out, ignore=shutil.ignore_patterns("_work"))
+    build_index(out, text=True, rejected=True)
+    return out

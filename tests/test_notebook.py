@@ -40,6 +40,8 @@ def test_explore_notebook_runs_on_the_demo_output(demo_run_local, tmp_path, monk
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     assert "rows in:" in text and "kept rows; report:" in text
+    assert "recall@10" in text and "rows like " in text  # the search section (index + search of the subset)
+    assert (refiltered / "index" / "kept.image.faiss").exists()
     assert html.count("<svg") >= 2 and "data:image/jpeg;base64," in html  # distributions and sample pages
     assert (refiltered / "report.html").exists() and list((refiltered / "data").glob("*.parquet"))
     # the stored model columns decide which threshold cells ran

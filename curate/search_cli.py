@@ -1,0 +1,91 @@
+"""``curate index``, ``curate search`` and ``curate serve`` (registered by curate/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from curate.io.files import InputError
+
+SHOWN = ("uid", "score", "caption", "url")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("index", help="build FAISS indices of an output's embeddings under OUTPUT_DIR/index/",
+                       description="Index the kept rows' image embeddings (and with --text their text embeddings, "
+                                   "with --rejected the rejected rows' too). The index type follows the size and "
+                                   "--memory (flat below 1M rows, IVF-PQ above; see docs/CONTRACT.md); the "
+                                   "output reports recall@10 against exact search on a sample.")
+    s.add_argument("output", help="a curate output directory")
+    s.add_argument("--text", action="store_true", help="also index text embeddings")
+    s.add_argument("--rejected", action="store_true", help="also index the rejected rows that have embeddings")
+    s.add_argument("--memory", default="4GiB", help="memory budget of one index (default 4GiB)")
+    s.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto",
+                   help="index kind (default auto)")
+    s.add_argument("--factory", default=None, help="a faiss.index_factory string instead (e.g. IVF4096,PQ64x4fsr)")
+    s.add_argument("--target-recall", type=float, default=0.9, help="recall@10 the search parameters are tuned for")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="nearest rows to a text, an image or a row (needs `curate index`)",
+                       description="Example: curate search out --text \"a red bicycle\" -k 20 "
+                                   "--where \"clip_score > 0.3\"")
+    s.add_argument("output", help="a curate output directory with an index/")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", help="a caption, encoded by the run's CLIP text tower")
+    q.add_argument("--image", help="an image file, encoded by the run's CLIP image tower")
+    q.add_argument("--uid", help="the uid of a row (kept or rejected): its stored embedding")
+    s.add_argument("-k", type=int, default=10, help="results (default 10)")
+    s.add_argument("--where", default=None, help="SQL condition on the rows' columns, e.g. \"clip_score > 0.3\"")
+    s.add_argument("--view", choices=["kept", "rejected"], default="kept", help="rows searched (default kept)")
+    s.add_argument("--modality", choices=["image", "text"], default="image",
+                   help="embeddings searched (default image: --text finds images)")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.add_argument("--columns", default=",".join(SHOWN), help=f"columns printed (default {','.join(SHOWN)})")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("serve", help="a local web app to browse, search and carve subsets of an output")
+    s.add_argument("output", help="a curate output directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    s.add_argument("--subsets-dir", default=None, help="where saved subsets go (default OUTPUT_DIR/subsets)")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from curate.index import build_index, describe
+    from curate.index_plan import parse_bytes
+
+    try:
+        memory = parse_bytes(args.memory)
+    except ValueError as e:
+        raise InputError(f"index: --memory: {e}") from None
+    meta = build_index(args.output, text=args.text, rejected=args.rejected, memory=memory, kind=args.kind,
+                       factory=args.factory, target_recall=args.target_recall)
+    sys.stdout.write(describe(meta) + "\n")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from curate.explore_cli import format_table, write_csv, write_json
+    from curate.search import search
+
+    table = search(args.output, text=args.text, image=args.image, uid=args.uid, k=args.k, where=args.where,
+                   view=args.view, modality=args.modality)
+    cols = [c.strip() for c in args.columns.split(",") if c.strip()]
+    missing = [c for c in cols if c not in table.column_names]
+    if missing and table.num_rows:
+        raise InputError(f"search: no column {missing[0]!r} (have: {', '.join(table.column_names)})")
+    cols = [c for c in cols if c in table.column_names] or ["uid", "score"]
+    rows = list(zip(*[table.column(c).to_pylist() for c in cols])) if table.num_rows else []
+    if args.format == "table":
+        sys.stdout.write(format_table(cols, rows) + "\n")
+    else:
+        (write_csv if args.format == "csv" else write_json)(cols, rows, sys.stdout)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from curate.serve.app import serve
+
+    serve(args.output, host=args.host, port=args.port, subsets_dir=args.subsets_dir)
+    return 0

@@ -1,0 +1,1 @@
+"""``curate serve``: a local web app over one output (see curate/serve/app.py)."""
