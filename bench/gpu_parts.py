@@ -101,10 +101,11 @@ def _embeddings(out: Path) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from curate.dedup.vectors import matrix
+
     t = pa.concat_tables([pq.read_table(f, columns=["uid", "image_embedding"]) for f in sorted((out / "data").glob("*.parquet"))])
     t = t.sort_by("uid")
-    col = t["image_embedding"].combine_chunks()
-    return np.asarray(t["uid"].to_pylist()), col.flatten().to_numpy().reshape(len(col), -1).astype(np.float32)
+    return np.asarray(t["uid"].to_pylist()), matrix(t["image_embedding"]).astype(np.float32)
 
 
 def clip_section(models: dict[str, int], device: str, batch: int | None, shard: int, unique: int,

@@ -40,19 +40,29 @@ class RowReader:
     def columns(self, name: str) -> list[str]:
         return self._file(name)[0].schema_arrow.names
 
-    def read(self, name: str, rows: list[int], columns: list[str] | None = None) -> pa.Table:
+    def locate(self, name: str, rows: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row group, row within it) of each of ``rows`` of a file; InputError for a row it does not have."""
+        starts = self._file(name)[1]
+        rows_a = np.asarray(rows, np.int64)
+        if len(rows_a) and (rows_a.min() < 0 or rows_a.max() >= starts[-1]):
+            raise InputError(f"{name}: row out of range")
+        groups = np.searchsorted(starts, rows_a, side="right") - 1
+        return groups, rows_a - starts[groups]
+
+    def row_group(self, name: str, group: int, columns: list[str]) -> pa.Table:
+        return self._file(name)[0].read_row_group(group, columns=columns)
+
+    def read(self, name: str, rows: list[int] | np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """The given rows of one file, in the given order (columns: all but BULK_COLUMNS by default)."""
         pf, starts = self._file(name)
         if columns is None:
             columns = [c for c in pf.schema_arrow.names if c not in BULK_COLUMNS]
-        rows_a = np.asarray(rows, np.int64)
-        if len(rows_a) and (rows_a.min() < 0 or rows_a.max() >= starts[-1]):
-            raise InputError(f"{name}: row out of range")
-        groups = sorted(set(np.searchsorted(starts, rows_a, side="right") - 1))
+        group_of, within = self.locate(name, rows)
+        groups = sorted(set(group_of.tolist()))
         part = pf.read_row_groups(groups, columns=columns)
-        base = {g: int(sum(starts[h + 1] - starts[h] for h in groups if h < g)) for g in groups}
-        group_of = np.searchsorted(starts, rows_a, side="right") - 1
-        local = [base[int(g)] + int(r - starts[g]) for r, g in zip(rows_a, group_of)]
+        sizes = np.diff(starts)[groups]
+        first = dict(zip(groups, np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()))  # in ``part``
+        local = [first[int(g)] + int(w) for g, w in zip(group_of, within)]
         return part.take(pa.array(local, pa.int64()))
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate import schema as S
 from curate.index import file_list, index_dir, meta_path, view_dir
@@ -52,9 +51,7 @@ class LoadedIndex:
                 self.index = faiss.index_cpu_to_all_gpus(self.index)
             except RuntimeError as e:  # not every index type has a GPU version
                 log.info("index %s stays on the CPU (%s)", name, str(e).splitlines()[0])
-        self.ids = pq.ParquetFile(index_dir(output) / f"{name}.ids.parquet")
-        sizes = [self.ids.metadata.row_group(i).num_rows for i in range(self.ids.metadata.num_row_groups)]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.ids, self.ids_file = RowReader(index_dir(output)), f"{name}.ids.parquet"
         self.lock = threading.Lock()
 
     def search(self, x: np.ndarray, k: int, widen: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -79,13 +76,7 @@ class LoadedIndex:
 
     def positions(self, ids: np.ndarray) -> pa.Table:
         """uid, file, row of index positions (in the given order), reading only their row groups."""
-        groups = sorted(set((np.searchsorted(self.starts, ids, side="right") - 1).tolist()))
-        part = self.ids.read_row_groups(groups)
-        offset = {g: i for i, g in enumerate(groups)}
-        base = np.concatenate([[0], np.cumsum([self.starts[g + 1] - self.starts[g] for g in groups])])
-        g_of = np.searchsorted(self.starts, ids, side="right") - 1
-        local = [int(base[offset[int(g)]] + i - self.starts[g]) for i, g in zip(ids, g_of)]
-        return part.take(pa.array(local, pa.int64()))
+        return self.ids.read(self.ids_file, ids)
 
 
 class Searcher:
@@ -116,8 +107,7 @@ class Searcher:
             raise InputError(f"search: no {name} index; run `curate index {self.layout.root}{hint}`")
         with self._lock:
             if name not in self._indices:
-                if [f["name"] for f in file_list(self.layout, view)] != [f["name"] for f in entry["files"]] or \
-                        file_list(self.layout, view) != entry["files"]:
+                if file_list(self.layout, view) != entry["files"]:
                     log.warning("index %s is stale: the files of %s changed since it was built (curate index %s)",
                                 name, view, self.layout.root)
                 self._indices[name] = LoadedIndex(self.layout.root, name, entry)
@@ -187,12 +177,11 @@ class Searcher:
     def search(self, vector: np.ndarray, k: int = 10, where: str | None = None, view: str = "kept",
                modality: str = "image") -> pa.Table:
         """The ``k`` nearest rows of ``view`` to ``vector`` (satisfying ``where``), best first."""
-        from curate.sql_guard import check_condition, empty_connect, one_line
+        from curate.sql_guard import empty_connect, one_line
 
         if view not in ("kept", "rejected") or modality not in ("image", "text"):
             raise InputError("search: view is kept or rejected, modality image or text")
-        if not 1 <= int(k) <= MAX_K:
-            raise InputError(f"search: k must be between 1 and {MAX_K}")
+        _check_k(k)
         idx = self.index(view, modality)
         v = np.asarray(vector, np.float32).reshape(-1)
         if v.shape[0] != idx.index.d:
@@ -201,10 +190,7 @@ class Searcher:
         con = empty_connect() if where else None
         try:
             if where:
-                try:
-                    check_condition(con, where)
-                except InputError as e:
-                    raise InputError(f"search: where: {e}") from None
+                _check_where(con, where)
             fetch = k if not where else 4 * k
             while True:
                 scores, ids = idx.search(v, fetch, widen=fetch // k)
@@ -247,24 +233,35 @@ class Searcher:
         return head
 
 
+def _check_k(k: int) -> None:
+    if not 1 <= int(k) <= MAX_K:
+        raise InputError(f"search: k must be between 1 and {MAX_K}")
+
+
+def _check_where(con, where: str) -> None:
+    from curate.sql_guard import check_condition
+
+    try:
+        check_condition(con, where)
+    except InputError as e:
+        raise InputError(f"search: where: {e}") from None
+
+
 def search(output: str | Path, text: str | None = None, image: bytes | str | Path | None = None,
            uid: str | None = None, k: int = 10, where: str | None = None, view: str = "kept",
            modality: str = "image", searcher: Searcher | None = None) -> pa.Table:
     """One search (exactly one of ``text``, ``image`` -- bytes or a path --, ``uid``); a ``pyarrow.Table``."""
-    from curate.sql_guard import check_condition, empty_connect
+    from curate.sql_guard import empty_connect
 
     s = searcher or Searcher(output)
     given = [x is not None for x in (text, image, uid)]
     if sum(given) != 1:
         raise InputError("search: give exactly one of text, image, uid")
-    if not 1 <= int(k) <= MAX_K:
-        raise InputError(f"search: k must be between 1 and {MAX_K}")
+    _check_k(k)
     if where:  # before any model is loaded
         con = empty_connect()
         try:
-            check_condition(con, where)
-        except InputError as e:
-            raise InputError(f"search: where: {e}") from None
+            _check_where(con, where)
         finally:
             con.close()
     if text is not None:

@@ -22,6 +22,7 @@ from curate import schema as S
 from curate.io.files import InputError
 from curate.layout import Layout
 from curate.query import parquet_files, sql_string
+from curate.row_reader import RowReader
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Explorer:
         self.columns = list(rel.columns)
         self.numeric = [c for c, t in zip(rel.columns, rel.types) if str(t).split("(")[0] in NUMERIC
                         and not S.is_internal(c) and c not in (S.SOURCE_ROW,)]
+        self._readers = {"kept": RowReader(self.layout.data), "rejected": RowReader(self.layout.rejected)}
         self._images: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._searcher = None
@@ -201,31 +203,30 @@ class Explorer:
     # -- thumbnails -----------------------------------------------------------------------------
     def image_bytes(self, view: str, file: str, row: int) -> bytes | None:
         """The stored image of one row; the image column of the last few row groups read is cached."""
-        import numpy as np
-        import pyarrow.parquet as pq
-
         if view not in VIEWS:
             raise InputError("bad view")
         directory = self.layout.data if view == "kept" else self.layout.rejected
         if file not in {p.name for p in parquet_files(directory)}:
             raise InputError("no such file")
-        md = pq.read_metadata(directory / file)
-        starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        if not 0 <= row < starts[-1] or S.IMAGE not in md.schema.to_arrow_schema().names:
+        reader = self._readers[view]
+        try:
+            (g,), (i,) = reader.locate(file, [row])
+        except InputError:
+            raise InputError("no such row") from None
+        if S.IMAGE not in reader.columns(file):
             raise InputError("no such row")
-        g = int(np.searchsorted(starts, row, side="right") - 1)
-        key = (view, file, g)
+        key = (view, file, int(g))
         with self._lock:
             col = self._images.get(key)
             if col is not None:
                 self._images.move_to_end(key)
         if col is None:
-            col = pq.ParquetFile(directory / file).read_row_group(g, columns=[S.IMAGE]).column(0)
+            col = reader.row_group(file, int(g), [S.IMAGE]).column(0)
             with self._lock:
                 self._images[key] = col
                 while len(self._images) > 4:
                     self._images.popitem(last=False)
-        return col[int(row - starts[g])].as_py()
+        return col[int(i)].as_py()
 
     # -- search and subsets ---------------------------------------------------------------------
     def searcher(self):
