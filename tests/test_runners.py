@@ -25,3 +25,13 @@ def test_local_and_ray_give_identical_output(demo_run_local, demo_input, ray_clu
     # same shard files, byte-for-byte same content order (both sort rows by input order)
     assert sorted(p.name for p in (local_out / "data").glob("*.parquet")) == \
         sorted(p.name for p in (ray_out / "data").glob("*.parquet"))
+    # the private local instance keeps its session folder small (curate.raycluster.LEAN_LOG_ENV): no
+    # periodic raylet debug dump, no Ray Data DEBUG lines; its warnings and errors are still logged
+    from pathlib import Path
+
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    assert (logs / "ray-data").is_dir() and list((logs / "ray-data").glob("*.log"))
+    assert not list(logs.rglob("debug_state*.txt"))
+    assert not [f for f in (logs / "ray-data").glob("*.log") if "\tDEBUG " in f.read_text(errors="replace")]
