@@ -91,13 +91,13 @@ def iter_vectors(files: list[Path], column: str) -> Iterator[tuple[str, np.ndarr
             yield f.name, rows[valid], np.asarray(batch.column(0).filter(mask).to_pylist(), dtype=object), x
 
 
-def _sample(files: list[Path], column: str, total: int, size: int, seed: int) -> np.ndarray:
-    """Up to ``size`` vectors at seeded random row positions, in one streaming pass."""
+def _sample(files: list[Path], counts: list[int], column: str, size: int, seed: int) -> np.ndarray:
+    """Up to ``size`` vectors at seeded random row positions, in one streaming pass (``counts``: rows per file)."""
     rng = np.random.default_rng(seed)
+    total = sum(counts)
     pick = np.sort(rng.choice(total, size=min(size, total), replace=False))
     out, seen = [], 0
-    for f in files:
-        rows = pq.read_metadata(f).num_rows
+    for f, rows in zip(files, counts):
         lo, hi = np.searchsorted(pick, [seen, seen + rows])
         if hi > lo:
             want = pick[lo:hi] - seen
@@ -125,7 +125,8 @@ def build_one(layout: Layout, view: str, modality: str, memory: int, kind: str =
     faiss = import_faiss("curate index")
     column = MODALITIES[modality]
     files = parquet_files(view_dir(layout, view))
-    total = sum(pq.read_metadata(f).num_rows for f in files)
+    counts = [pq.read_metadata(f).num_rows for f in files]
+    total = sum(counts)
     dim = _dimension(files, column)
     if dim == 0:
         raise InputError(f"index: no {column} in {view_dir(layout, view)} (the run needs a clip_embed stage)")
@@ -140,7 +141,7 @@ def build_one(layout: Layout, view: str, modality: str, memory: int, kind: str =
     ivf = faiss.try_extract_index_ivf(index)
     n_train = 0 if index.is_trained else min(MAX_TRAIN_ROWS, max(TRAIN_ROWS_PER_LIST * (ivf.nlist if ivf else 256),
                                                                     50_000))
-    sample = _sample(files, column, total, n_train + RECALL_QUERIES, seed)  # one pass: training rows and queries
+    sample = _sample(files, counts, column, n_train + RECALL_QUERIES, seed)  # one pass: training rows and queries
     sample = sample[np.random.default_rng(seed).permutation(len(sample))]
     queries = np.ascontiguousarray(sample[:RECALL_QUERIES])
     if not index.is_trained:

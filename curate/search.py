@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate import schema as S
 from curate.index import file_list, index_dir, meta_path, view_dir
@@ -175,8 +176,9 @@ class Searcher:
 
     # -- search ---------------------------------------------------------------------------------
     def search(self, vector: np.ndarray, k: int = 10, where: str | None = None, view: str = "kept",
-               modality: str = "image") -> pa.Table:
-        """The ``k`` nearest rows of ``view`` to ``vector`` (satisfying ``where``), best first."""
+               modality: str = "image", locate: bool = False) -> pa.Table:
+        """The ``k`` nearest rows of ``view`` to ``vector`` (satisfying ``where``), best first.
+        ``locate``: also ``_file`` and ``_row``, where each row is stored (not visible to ``where``)."""
         from curate.sql_guard import empty_connect, one_line
 
         if view not in ("kept", "rejected") or modality not in ("image", "text"):
@@ -195,7 +197,8 @@ class Searcher:
             while True:
                 scores, ids = idx.search(v, fetch, widen=fetch // k)
                 keep = ids[0] >= 0
-                table = self._rows(view, idx.positions(ids[0][keep]), scores[0][keep])
+                pos = idx.positions(ids[0][keep])
+                table = self._rows(view, pos, scores[0][keep])
                 if where:
                     con.register("candidates", table)
                     try:
@@ -211,21 +214,23 @@ class Searcher:
             if con is not None:
                 con.close()
         table = table.slice(0, k)
+        if locate:  # ``rank`` is still the candidate's place in ``pos`` here
+            at = pc.subtract(table.column("rank"), 1)
+            table = table.append_column("_file", pos.column("file").take(at)) \
+                .append_column("_row", pos.column("row").take(at))
         return table.set_column(0, "rank", pa.array(np.arange(1, table.num_rows + 1), pa.int32()))
 
     def _rows(self, view: str, pos: pa.Table, scores: np.ndarray) -> pa.Table:
         """rank, score and the rows' columns (BULK_COLUMNS excepted), in the order of ``pos``."""
         reader = self._readers[view]
-        files = pos.column("file").to_pylist()
-        rows = pos.column("row").to_pylist()
-        parts, order = [], []
-        for name in dict.fromkeys(files):
-            sel = [i for i, f in enumerate(files) if f == name]
-            parts.append(reader.read(name, [rows[i] for i in sel]))
-            order += sel
+        files = np.asarray(pos.column("file").to_pylist(), dtype=object)
+        rows = pos.column("row").to_numpy()
+        order = np.argsort(files, kind="stable")  # the hits grouped by file, one read per file
+        names, starts = np.unique(files[order], return_index=True)
+        parts = [reader.read(name, rows[sel]) for name, sel in zip(names, np.split(order, starts[1:]))]
         empty = pa.table({S.UID: pa.array([], pa.string())})
         base = pa.concat_tables(parts, promote_options="permissive") if parts else empty
-        base = base.take(pa.array(np.argsort(order), pa.int64())) if order else base
+        base = base.take(pa.array(np.argsort(order), pa.int64())) if len(order) else base
         head = pa.table({"rank": pa.array(np.arange(1, len(files) + 1), pa.int32()),
                          "score": pa.array(scores.astype(np.float32), pa.float32())})
         for name in base.column_names:
@@ -249,8 +254,9 @@ def _check_where(con, where: str) -> None:
 
 def search(output: str | Path, text: str | None = None, image: bytes | str | Path | None = None,
            uid: str | None = None, k: int = 10, where: str | None = None, view: str = "kept",
-           modality: str = "image", searcher: Searcher | None = None) -> pa.Table:
-    """One search (exactly one of ``text``, ``image`` -- bytes or a path --, ``uid``); a ``pyarrow.Table``."""
+           modality: str = "image", searcher: Searcher | None = None, locate: bool = False) -> pa.Table:
+    """One search (exactly one of ``text``, ``image`` -- bytes or a path --, ``uid``); a ``pyarrow.Table``
+    (``locate``: see :meth:`Searcher.search`)."""
     from curate.sql_guard import empty_connect
 
     s = searcher or Searcher(output)
@@ -277,4 +283,4 @@ def search(output: str | Path, text: str | None = None, image: bytes | str | Pat
         vec = s.image_vector(bytes(image))
     else:
         vec = s.uid_vector(uid, modality)
-    return s.search(vec, k, where, view, modality)
+    return s.search(vec, k, where, view, modality, locate)

@@ -91,6 +91,12 @@ def test_ivfpq_index_maps_positions_to_uids_and_reports_recall(tmp_path, capsys)
     res = s.search(x[0], k=20, where=f"{S.CLIP_SCORE} < 0.05")
     assert res.num_rows == 20 and max(res.column(S.CLIP_SCORE).to_pylist()) < 0.05
     assert res.column("score").to_pylist() == sorted(res.column("score").to_pylist(), reverse=True)
+    # locate=True (serve's cards): the same hits, each with the file and row it is stored at
+    located = s.search(x[0], k=20, where=f"{S.CLIP_SCORE} < 0.05", locate=True)
+    assert located.column("uid").to_pylist() == res.column("uid").to_pylist()
+    assert len({f for f in located.column("_file").to_pylist()}) > 1  # hits from several files
+    for f, r, u in zip(*(located.column(c).to_pylist() for c in ("_file", "_row", "uid"))):
+        assert pq.read_table(out / "data" / f, columns=[S.UID]).column(0)[r].as_py() == u
 
 
 def _uid_of(con, sql: str) -> tuple:

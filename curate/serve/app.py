@@ -147,16 +147,10 @@ def create_app(output: str | Path, subsets_dir: str | Path | None = None, allowe
         except Exception as e:  # noqa: BLE001 - an undecodable stored image
             raise HTTPException(422, f"cannot decode the stored image: {type(e).__name__}") from None
 
-    def _results(request: Request, table, query: dict[str, Any], uids_for_subset: bool = True):
-        hits = table.to_pylist()
-        by_uid = {(r["uid"], r["view"]): r for r in ex.rows_by_uid([h["uid"] for h in hits], query["view"])}
-        items = []
-        for h in hits:
-            card = by_uid.get((h["uid"], query["view"]))
-            if card:
-                items.append({**card, "score": h["score"]})
-        return render(request, "search.html", items=items, query=query,
-                      uids=[i["uid"] for i in items] if uids_for_subset else [])
+    def _results(request: Request, table, query: dict[str, Any]):
+        """The cards of a search (``locate=True``: the hits carry their columns and where they are stored)."""
+        items = [{**hit, "view": query["view"]} for hit in table.to_pylist()]
+        return render(request, "search.html", items=items, query=query, uids=[i["uid"] for i in items])
 
     @app.get("/search", response_class=HTMLResponse)
     def search_page(request: Request, text: str = "", uid: str = "", view: str = "kept", k: str = "48",
@@ -168,7 +162,7 @@ def create_app(output: str | Path, subsets_dir: str | Path | None = None, allowe
         if not text.strip() and not uid.strip():
             return render(request, "search.html", items=[], query=query, uids=[])
         table = search(ex.layout.root, text=text or None, uid=None if text else uid, k=query["k"],
-                       where=where or None, view=query["view"], searcher=ex.searcher())
+                       where=where or None, view=query["view"], searcher=ex.searcher(), locate=True)
         return _results(request, table, query)
 
     @app.post("/search/image", response_class=HTMLResponse)
@@ -192,7 +186,7 @@ def create_app(output: str | Path, subsets_dir: str | Path | None = None, allowe
                  "view": view if view in ("kept", "rejected") else "kept", "k": _int(form.get("k"), 48, 1, 500),
                  "where": str(form.get("where") or "")}
         table = search(ex.layout.root, image=data, k=query["k"], where=query["where"] or None, view=query["view"],
-                       searcher=ex.searcher())
+                       searcher=ex.searcher(), locate=True)
         return _results(request, table, query)
 
     @app.get("/duplicates", response_class=HTMLResponse)

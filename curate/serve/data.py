@@ -100,7 +100,11 @@ class Explorer:
         self.columns = list(rel.columns)
         self.numeric = [c for c, t in zip(rel.columns, rel.types) if str(t).split("(")[0] in NUMERIC
                         and not S.is_internal(c) and c not in (S.SOURCE_ROW,)]
-        self._readers = {"kept": RowReader(self.layout.data), "rejected": RowReader(self.layout.rejected)}
+        from curate.index import view_dir
+
+        self._readers = {v: RowReader(view_dir(self.layout, v)) for v in VIEWS}
+        # the files the views above were made of (a thumbnail names one of them; listed once, not per request)
+        self._files = {v: {f.name for f in parquet_files(view_dir(self.layout, v))} for v in VIEWS}
         self._images: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._searcher = None
@@ -205,8 +209,7 @@ class Explorer:
         """The stored image of one row; the image column of the last few row groups read is cached."""
         if view not in VIEWS:
             raise InputError("bad view")
-        directory = self.layout.data if view == "kept" else self.layout.rejected
-        if file not in {p.name for p in parquet_files(directory)}:
+        if file not in self._files[view]:
             raise InputError("no such file")
         reader = self._readers[view]
         try:
