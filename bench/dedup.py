@@ -129,8 +129,12 @@ def make_phashes(out: Path, n: int, seed: int) -> dict:
 
 # -- workers (one process each) ---------------------------------------------------------------
 def worker_curate(data: Path, params: dict, out: Path) -> dict:
-    import faiss  # noqa: F401  -- library imports are outside both timings, as in the reference worker
-    import torch  # noqa: F401
+    import importlib
+
+    import torch  # noqa: F401  -- library imports are outside both timings, as in the reference worker
+
+    if params.get("kmeans_backend", "faiss") == "faiss":
+        importlib.import_module("faiss")
 
     from curate import registry
     from curate.context import FitContext

@@ -20,6 +20,11 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 
 
+def missing(*modules: str) -> list[str]:
+    """Which of these importable names this Python lacks (a section needing one is skipped, saying so)."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
 def bench_module(name: str) -> Any:
     """Another bench script as a module (by path: ``bench/clip.py`` must not shadow an installed ``clip``)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
@@ -29,11 +34,11 @@ def bench_module(name: str) -> Any:
 
 
 class GpuSampler:
-    """GPU utilisation (%) of device 0 sampled every ``period`` s in a thread: NVML (``nvidia-ml-py``), else
-    ``nvidia-smi``; nothing on a machine without either (figures are then null)."""
+    """GPU utilisation (%) and memory used (MiB) of device 0 sampled every ``period`` s in a thread: NVML
+    (``nvidia-ml-py``), else ``nvidia-smi``; nothing on a machine without either (figures are then null)."""
 
     def __init__(self, period: float = 0.2) -> None:
-        self.period, self.samples, self._stop = period, [], threading.Event()
+        self.period, self.samples, self.memory, self._stop = period, [], [], threading.Event()
         self._read = self._reader()
 
     @staticmethod
@@ -43,14 +48,17 @@ class GpuSampler:
 
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            return lambda: (float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                            pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20)
         except Exception:  # noqa: BLE001 - no NVML library, no GPU
             pass
         if shutil.which("nvidia-smi"):
-            def smi() -> float:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                      "-i", "0"], capture_output=True, text=True, timeout=5).stdout
-                return float(out.strip().splitlines()[0])
+            def smi() -> tuple[float, float]:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                                      "--format=csv,noheader,nounits", "-i", "0"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                util, mem = out.strip().splitlines()[0].split(",")
+                return float(util), float(mem)
             try:
                 smi()
                 return smi
@@ -67,9 +75,11 @@ class GpuSampler:
     def _loop(self) -> None:
         while not self._stop.wait(self.period):
             try:
-                self.samples.append(self._read())
+                util, mem = self._read()
             except Exception:  # noqa: BLE001
                 return
+            self.samples.append(util)
+            self.memory.append(mem)
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
@@ -79,7 +89,8 @@ class GpuSampler:
     def summary(self) -> dict[str, float | None]:
         s = self.samples
         return {"gpu_util_mean": float(np.mean(s)) if s else None, "gpu_util_p90": float(np.percentile(s, 90))
-                if s else None, "gpu_util_samples": len(s)}
+                if s else None, "gpu_util_samples": len(s),
+                "gpu_mem_max_mib": float(max(self.memory)) if self.memory else None}
 
 
 def _clip_run(inp: Path, out: Path, runner: str, params: dict, shard_size: int) -> dict[str, Any]:
@@ -126,8 +137,13 @@ def clip_section(models: dict[str, int], device: str, batch: int | None, shard: 
         if batch:
             params["batch_size"] = batch
         runs: dict[str, Any] = {}
+        skipped: dict[str, str] = {}
         for name, runner, decode in (("local_cpu_decode", "local", "cpu"), ("local_gpu_decode", "local", "gpu"),
                                      ("ray_gpu_decode", "ray", "gpu")):
+            if runner == "ray" and missing("ray"):
+                skipped[name] = "ray is not installed: the Ray runner is not measured"
+                print(f"  clip_embed {model} {name}: skipped ({skipped[name]})", flush=True)
+                continue
             p = dict(params, decode=decode, **({"num_gpus": 1} if cuda and runner == "ray" else {}))
             runs[name] = _clip_run(inp, tmp / f"out-{model}-{name}", runner, p, shard)
             print(f"  clip_embed {model} {name}: {runs[name]['img_s']:.1f} img/s", flush=True)
@@ -137,9 +153,10 @@ def clip_section(models: dict[str, int], device: str, batch: int | None, shard: 
         cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         for name in runs:
             shutil.rmtree(tmp / f"out-{model}-{name}", ignore_errors=True)
-        out[model] = {"images": n, "runs": runs, "ratio": {
+        ray = runs.get("ray_gpu_decode")
+        out[model] = {"images": n, "runs": runs, "skipped": skipped, "ratio": {
             "gpu_decode_vs_cpu_decode": runs["local_gpu_decode"]["img_s"] / runs["local_cpu_decode"]["img_s"],
-            "ray_vs_local": runs["ray_gpu_decode"]["img_s"] / runs["local_gpu_decode"]["img_s"]},
+            "ray_vs_local": ray["img_s"] / runs["local_gpu_decode"]["img_s"] if ray else None},
             "decode_agreement": {"rows": int(len(same)), "min_cosine": float(cos.min()) if len(cos) else None,
                                  "mean_cosine": float(cos.mean()) if len(cos) else None}}
     return out
@@ -197,6 +214,12 @@ def faiss_section(n: int, d: int, k: int, iters: int, cpu_iters: int, sem_cluste
     k-means method) fit + apply on ``device`` vs the CPU, both on n x d topic-structured embeddings."""
     from curate.dedup import vectors
 
+    backend = "faiss" if vectors.faiss_installed() else "torch"
+    gpu = vectors.gpu_available() if backend == "faiss" else vectors.torch_cuda()
+    path = (f"{backend} on the GPU" if gpu and device == "cuda" else
+            f"{backend} on the CPU" + (" (the GPU code path; no GPU here)" if device == "cuda" else ""))
+    print(f"  k-means and SemDeDup run on: {path}" + ("" if backend == "faiss" else
+          " (FAISS is not installed: torch k-means, kmeans_backend: torch, and torch pair search)"), flush=True)
     dd = bench_module("dedup")
     data = tmp / "emb"
     t0 = time.perf_counter()
@@ -206,18 +229,19 @@ def faiss_section(n: int, d: int, k: int, iters: int, cpu_iters: int, sem_cluste
     timed: dict[str, float] = {}
     for name, dev, it in (("kmeans", device, iters), ("kmeans_cpu", "cpu", cpu_iters)):
         t0 = time.perf_counter()
-        vectors.spherical_kmeans(x, k, it, 0, dev)
+        vectors.spherical_kmeans(x, k, it, 0, dev, backend)
         timed[name] = time.perf_counter() - t0
     del x
     params = {"stage": "dedup_semantic", "mode": "semdedup", "eps": 0.05, "method": "kmeans",
-              "n_clusters": sem_clusters}
+              "n_clusters": sem_clusters, "kmeans_backend": backend}
     sem = {}
     for name, dev in (("semdedup", device), ("semdedup_cpu", "cpu")):
         r = dd.worker_curate(data, dict(params, device=dev, kmeans_device=dev), tmp / f"{name}-decisions")
         sem[name] = r["total_s"]
     shutil.rmtree(data, ignore_errors=True)
     per_it, per_it_cpu = timed["kmeans"] / iters, timed["kmeans_cpu"] / cpu_iters
-    return {"rows": n, "dim": d, "data_s": made, "faiss_gpu": vectors.gpu_available(),
+    return {"rows": n, "dim": d, "data_s": made, "faiss_gpu": vectors.gpu_available(), "backend": backend,
+            "path": path,
             "kmeans": {"k": k, "iterations": iters, "s": timed["kmeans"], "s_per_iteration": per_it,
                        "cpu_iterations": cpu_iters, "cpu_s": timed["kmeans_cpu"], "cpu_s_per_iteration": per_it_cpu,
                        "ratio": {"speedup_vs_cpu_per_iteration": per_it_cpu / per_it}},

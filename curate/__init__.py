@@ -11,6 +11,24 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+
+def _checkout_layout() -> None:
+    """A source checkout put on ``PYTHONPATH`` without installing it (e.g. the lent GPU machine, see
+    bench/gpu_device.sh): ``filters/`` and ``pipelines/`` stand beside this package, where an install
+    maps them to ``curate.filters`` and ``curate.pipelines`` (pyproject's package-dir).  Adding the
+    checkout's root to this package's search path gives them the same names; installed, nothing changes."""
+    import importlib.util
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    if os.path.isfile(os.path.join(root, "filters", "__init__.py")) and \
+            os.path.isfile(os.path.join(root, "pyproject.toml")) and importlib.util.find_spec("curate.filters") is None:
+        __path__.append(root)  # noqa: F821 - the package's own search path
+
+
+_checkout_layout()
+
 if TYPE_CHECKING:  # pragma: no cover
     from curate.pipeline import RunResult
     from curate.stage import Stage

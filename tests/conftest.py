@@ -175,3 +175,23 @@ def indexed_demo(demo_run_local, tmp_path_factory) -> Path:
     shutil.copytree(demo_run_local.output, out, ignore=shutil.ignore_patterns("_work"))
     build_index(out, text=True, rejected=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def real_web(tmp_path_factory):
+    """Real server software for the whole session: nginx (http + https) and an HTTP/1.0 origin it proxies."""
+    from curate.demo.nginx import nginx_binary
+    from realweb import Http10Origin, NginxSite
+
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed (.ci/run installs Debian's nginx-light; `apt-get install nginx-light`)")
+    folder = tmp_path_factory.mktemp("realweb")
+    origin = Http10Origin(folder / "origin")
+    try:
+        site = NginxSite(folder / "nginx", origin)
+    except BaseException:
+        origin.stop()
+        raise
+    yield site
+    site.stop()
+    origin.stop()

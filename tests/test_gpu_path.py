@@ -195,6 +195,82 @@ def test_faiss_gpu_branch_falls_back_with_a_log_line_and_matches_cpu(caplog, mon
     np.testing.assert_array_equal(key(i_r, j_r), key(i_c, j_c))
 
 
+def _without_faiss(monkeypatch) -> None:
+    """This process as on a machine without FAISS (the lent GPU machine's image): ``import faiss`` fails."""
+    from curate.dedup import vectors
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    monkeypatch.setattr(vectors, "faiss_installed", lambda: False)
+
+
+def test_without_faiss_the_searches_run_in_torch_with_the_same_results(monkeypatch):
+    """No FAISS: the "cuda" branches run torch products (on the GPU when torch has one, here the CPU) and give
+    the pairs, neighbours and nearest centroids of the FAISS and CPU branches (decided in float64)."""
+    from curate.dedup import vectors
+
+    x = _clustered(3000, 32, 0)
+    c = vectors.spherical_kmeans(x, 10, 8, 1234, "cpu")  # FAISS's centroids, computed before hiding it
+    i_c, j_c, s_c = vectors.similar_pairs(x, 0.95, "cpu")
+    s_f, n_f = vectors.knn_search(x[:50], x, 5, "cpu")
+    _without_faiss(monkeypatch)
+    with pytest.raises(Exception, match="FAISS is not installed"):
+        vectors.import_faiss()
+    i_t, j_t, s_t = vectors.similar_pairs(x, 0.95, "cuda")  # n > _DENSE_MAX: the torch block product
+    key = lambda i, j: np.sort(i * len(x) + j)  # noqa: E731
+    np.testing.assert_array_equal(key(i_t, j_t), key(i_c, j_c))
+    np.testing.assert_array_equal(np.sort(s_t), np.sort(s_c))
+    s_t, n_t = vectors.knn_search(x[:50], x, 5, "cuda")
+    np.testing.assert_array_equal(n_t[:, 0], n_f[:, 0])
+    np.testing.assert_allclose(s_t, s_f, atol=1e-5)
+    np.testing.assert_array_equal(vectors.nearest(x, c, "cuda"), vectors.nearest(x, c, "cpu"))
+
+
+def test_torch_kmeans_finds_planted_clusters_and_dedup_semantic_runs_without_faiss(monkeypatch):
+    """kmeans_backend: torch needs no FAISS; its clustering is as tight as FAISS's on planted clusters, and
+    SemDeDup removes what it removes with FAISS (all near-copies of one group but one)."""
+    import pyarrow as pa
+
+    import curate
+    from curate import schema as S
+    from curate.context import FitContext
+    from curate.dedup import vectors
+    from curate.table_ops import prepare_for_stages
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((8, 24)) * 4
+    lab = rng.integers(0, 8, 4000)
+    x = (centres[lab] + 1.5 * rng.standard_normal((4000, 24))).astype(np.float32)
+    x[100:140] = x[100] + 0.001 * rng.standard_normal((40, 24))  # a group of near-copies
+    t = prepare_for_stages(pa.table({S.UID: [f"e{i:05d}" for i in range(len(x))],
+                                     S.IMAGE_EMBEDDING: pa.array(list(x.astype(np.float16)),
+                                                                 pa.list_(pa.float16()))}))
+
+    def removed(**kw) -> set:
+        st = curate.create_stage("dedup_semantic", mode="semdedup", method="kmeans", eps=0.01, n_clusters=8, **kw)
+        st.set_state(st.fit(FitContext.from_table(t)))
+        out = st(t).table
+        return set(out.filter(pa.compute.is_valid(out[S.REJECT_REASON]))[S.UID].to_pylist())
+
+    with_faiss = removed()
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def fit(c: np.ndarray) -> float:  # the spherical k-means objective: mean cosine to the nearest centroid
+        return float((unit @ c.T).max(axis=1).mean())
+
+    c_faiss = vectors.spherical_kmeans(x, 8, 20, 0, "cpu")
+    _without_faiss(monkeypatch)
+    with pytest.raises(Exception, match="FAISS is not installed"):
+        curate.create_stage("dedup_semantic", mode="semdedup", method="kmeans", eps=0.01)
+    c = vectors.spherical_kmeans(x, 8, 20, 0, "cuda", backend="torch")
+    assert np.allclose(np.linalg.norm(c, axis=1), 1) and fit(c) >= fit(c_faiss) - 0.02, (fit(c), fit(c_faiss))
+    got = vectors.nearest(x, c, "cpu")
+    assert len(set(got[100:140])) == 1  # the near-copies share a cluster
+    without = removed(kmeans_backend="torch", device="cuda")
+    group = {f"e{i:05d}" for i in range(100, 140)}
+    # which copy stays depends on its distance to the centroid (another centroid, another pick); the rest go
+    assert len(with_faiss) == len(without) == 39 and with_faiss <= group and without <= group
+
+
 @pytest.mark.skipif(not __import__("curate.dedup.vectors", fromlist=["x"]).gpu_available(), reason="no FAISS GPU")
 def test_faiss_on_gpu_matches_cpu():
     """On a GPU: separated clusters (no near-tied rows) give the CPU's assignments and centroids; pairs and

@@ -146,8 +146,18 @@ def test_head_errors_are_one_clear_line(tmp_path):
     torch.save(build_head("mlp", 48, [8], "relu").state_dict(), tmp_path / "h48.pt")
     with pytest.raises(StageError, match="takes 48 inputs, the image embedding has 32"):
         curate.create_stage("embedding_head", hidden=[8], column="s", weights=str(tmp_path / "h48.pt"))(t)
-    with pytest.raises(StageError, match="does not fit preset laion_aesthetic"):
+    with pytest.raises(StageError) as e:
         curate.create_stage("embedding_head", preset="laion_aesthetic", weights=str(tmp_path / "h48.pt"))(t)
+    msg = str(e.value)  # one line: the file, the preset's layer sizes, what the file holds
+    assert "\n" not in msg and str(tmp_path / "h48.pt") in msg and "does not fit preset laion_aesthetic" in msg
+    assert "expected Linear layers 48x1024 -> 1024x128 -> 128x64 -> 64x16 -> 16x1" in msg, msg
+    assert msg.endswith("found 48x8 -> 8x1"), msg
+    assert "hidden []" not in msg  # not the user's unused parameter
+    torch.save(build_head("mlp", 48, [8], "relu"), tmp_path / "module.pt")  # the whole module, pickled
+    with pytest.raises(StageError) as e:
+        curate.create_stage("embedding_head", hidden=[8], column="s", weights=str(tmp_path / "module.pt"))(t)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "module.pt") in msg and "model.state_dict()" in msg, msg
     for bad, match in (({"hidden": [4]}, "fixes the architecture"), ({"preset": "mlp"}, "name the score column"),
                        ({"column": "uid"}, "not a score"), ({"column": "Bad-Name"}, "lower-case")):
         with pytest.raises(ConfigError, match=match):

@@ -34,6 +34,12 @@ when FAISS sees no GPU (one warning per process and function), so that branch is
 gives the same results as the CPU branch (same candidates after the float64 re-check).  (Before, curate ran
 its own float64 Lloyd loop: slower, device-independent, but unable to reproduce SemDeDup's
 clustering.)  Assignments to the centroids are exact as above.
+
+Without FAISS (a machine where it cannot be installed, e.g. a GPU box with only torch): the searches
+(:func:`knn_search`, :func:`similar_pairs`) run as torch products on the GPU when torch sees one, else
+on the CPU -- the same candidates, re-checked in float64, so the same pairs and nearest centroids --
+and k-means is :func:`torch_spherical_kmeans` when asked for (``backend="torch"``; its centroids are
+not FAISS's: its own sample and initial centroids).
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ _GPU_MAX_K = 2048
 _BLOCK = 512
 #: on the GPU, clusters up to this size are searched by the CPU block product
 _DENSE_MAX = 2048
+#: rows per block of the torch pair search on a GPU without FAISS
+_GPU_BLOCK = 4096
 #: set CURATE_DEDUP_BF16=0 to force float32 products
 USE_BF16 = os.environ.get("CURATE_DEDUP_BF16", "1") != "0"
 
@@ -82,10 +90,28 @@ def import_faiss(who: str = "semantic dedup"):
     return faiss
 
 
+@lru_cache(maxsize=1)
+def faiss_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
+@lru_cache(maxsize=1)
+def torch_cuda() -> bool:
+    """Whether torch sees a CUDA device (the FAISS-less GPU path)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:  # pragma: no cover
+        return False
+
+
 def gpu_available() -> bool:
     try:
         import faiss
-    except ImportError:  # pragma: no cover
+    except ImportError:
         return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -111,6 +137,12 @@ def resolve_device(device: str) -> str:
         return "cpu"
     if gpu_available():
         return "cuda"
+    if not faiss_installed():  # no FAISS at all: the searches run as torch products, on the GPU if torch has one
+        if torch_cuda():
+            return "cuda"
+        if device == "cuda":
+            log.warning("device: cuda asked but no GPU is visible (FAISS is not installed; torch sees none); using CPU")
+        return "cpu"
     if device == "cuda":
         log.warning("device: cuda asked but this FAISS build sees no GPU (pip install 'curate[gpu]'); using CPU")
     return "cpu"
@@ -230,13 +262,28 @@ def _tensor(a: np.ndarray) -> "torch.Tensor":  # noqa: F821
 
 def knn_search(x32: np.ndarray, base32: np.ndarray, k: int, device: str):
     """FAISS exact inner-product k-NN: (scores, ids); a GPU flat search when ``device="cuda"`` and FAISS
-    has a GPU, else a CPU ``IndexFlatIP`` (see :func:`faiss_gpu`)."""
+    has a GPU, else a CPU ``IndexFlatIP`` (see :func:`faiss_gpu`).  Without FAISS: torch products and
+    top-k, on the GPU when ``device="cuda"`` and torch sees one."""
+    if not faiss_installed():
+        return _torch_knn(x32, base32, k, "cuda" if device == "cuda" and torch_cuda() else "cpu")
     faiss, res = _setup("cuda" if faiss_gpu(device, "FAISS k-NN search") else "cpu")
     if res is not None:
         return faiss.knn_gpu(res, x32, base32, k, metric=faiss.METRIC_INNER_PRODUCT)
     index = faiss.IndexFlatIP(base32.shape[1])
     index.add(base32)
     return index.search(x32, k)
+
+
+def _torch_knn(x32: np.ndarray, base32: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    base = torch.from_numpy(np.ascontiguousarray(base32, np.float32)).to(device)
+    scores, ids = np.empty((len(x32), k), np.float32), np.empty((len(x32), k), np.int64)
+    for lo in range(0, len(x32), _CHUNK):
+        q = torch.from_numpy(np.ascontiguousarray(x32[lo:lo + _CHUNK], np.float32)).to(device)
+        top = torch.topk(q @ base.T, k, dim=1)
+        scores[lo:lo + len(q)], ids[lo:lo + len(q)] = top.values.cpu().numpy(), top.indices.cpu().numpy()
+    return scores, ids
 
 
 def _top_centroids(raw: np.ndarray, c32: np.ndarray, k: int,
@@ -386,8 +433,8 @@ def block_candidates(u: "torch.Tensor", low: float, block: int,  # noqa: F821
             if len(rows) == 0:
                 continue
             r, c = torch.nonzero(s[rows] > low, as_tuple=True)
-            gi = lo + rows[r].numpy().astype(np.int64)
-            gj = lo2 + c.numpy().astype(np.int64)
+            gi = lo + rows[r].cpu().numpy().astype(np.int64)
+            gj = lo2 + c.cpu().numpy().astype(np.int64)
             keep = (gi < gj) & (gj < n)  # upper triangle, no padding rows
             out_i.append(gi[keep])
             out_j.append(gj[keep])
@@ -415,7 +462,10 @@ def similar_pairs(x: np.ndarray, threshold: float, device: str = "cpu", parallel
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
     if n < 2:
         return empty
-    if device == "cuda" and n > _DENSE_MAX:
+    if device == "cuda" and n > _DENSE_MAX and not faiss_installed():  # torch block products on the GPU
+        u = _unit_rows(x, _torch().float32).to("cuda" if torch_cuda() else "cpu")
+        i, j = block_candidates(u, threshold - MARGIN, _GPU_BLOCK, parallel=False)
+    elif device == "cuda" and n > _DENSE_MAX:
         i, j = knn_pairs(_unit_rows(x, _torch().float32).numpy(), threshold - MARGIN)
     else:
         i, j = _cpu_candidates(x, threshold, parallel)
@@ -455,22 +505,26 @@ def knn_pairs(x32: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray]:
 FAISS_MAX_POINTS = 256
 
 
-def faiss_training_rows(n: int, k: int, seed: int) -> np.ndarray | None:
+def faiss_training_rows(n: int, k: int, seed: int, backend: str = "faiss") -> np.ndarray | None:
     """The rows (positions in the training order) ``faiss.Kmeans(seed=seed)`` trains on when given
     ``n`` rows for ``k`` centroids, or None when it takes them all: beyond ``FAISS_MAX_POINTS``
     per centroid it takes the first ``k * FAISS_MAX_POINTS`` of ``faiss.rand_perm(n, seed)``, in
     that order.  Handing FAISS exactly those rows gives the same centroids (checked in the tests)
-    without holding every row in float32."""
-    faiss = import_faiss()
-
+    without holding every row in float32.  ``backend="torch"``: :func:`torch_spherical_kmeans`'s own
+    subset, the first ``k * FAISS_MAX_POINTS`` of a numpy permutation with ``seed``."""
     if n <= k * FAISS_MAX_POINTS:
         return None
+    if backend == "torch":
+        return np.random.default_rng(seed).permutation(n)[:k * FAISS_MAX_POINTS].astype(np.int64)
+    faiss = import_faiss()
+
     perm = np.empty(n, np.int32)
     faiss.rand_perm(faiss.swig_ptr(perm), n, seed)
     return perm[:k * FAISS_MAX_POINTS].astype(np.int64)
 
 
-def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, device: str = "cpu") -> np.ndarray:
+def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, device: str = "cpu",
+                     backend: str = "faiss") -> np.ndarray:
     """``faiss.Kmeans(d, k, niter=iterations, seed=seed, spherical=True)`` trained on the rows of
     ``x`` as given (float32, in the given order; ``device="cuda"``: assignment searches on one GPU when
     FAISS has one, see :func:`faiss_gpu`); returns (k, d) float64 unit centroids.
@@ -478,7 +532,10 @@ def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, device: 
     This is the SemDeDup reference's clustering call: FAISS draws its initial centroids with
     ``seed`` and, beyond 256 rows per centroid, trains on a random subset of that size (its
     default ``max_points_per_centroid``).  Empty clusters are split by FAISS.
+    ``backend="torch"``: :func:`torch_spherical_kmeans` instead (no FAISS needed).
     """
+    if backend == "torch":
+        return torch_spherical_kmeans(x, k, iterations, seed, device)
     faiss = import_faiss()
 
     x32 = np.ascontiguousarray(x, np.float32)
@@ -492,3 +549,46 @@ def spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, device: 
         km.index = faiss.index_cpu_to_gpu(res, 0, faiss.IndexFlatIP(d))
     km.train(x32)
     return normalise(km.centroids.astype(np.float64))
+
+
+def torch_spherical_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, device: str = "cpu") -> np.ndarray:
+    """Lloyd's spherical k-means in torch, for machines without FAISS: float32 products on the GPU when
+    ``device="cuda"`` and torch sees one.  Initial centroids: k-means++ seeding with ``seed``; each
+    iteration assigns every row to its best centroid (max inner product of unit rows) and moves each
+    centroid to the normalised sum of its rows; an empty cluster takes the row farthest from its own
+    centroid (as FAISS splits them, by another rule).  Rows beyond ``k * FAISS_MAX_POINTS`` are subsampled
+    by the caller (:func:`faiss_training_rows` with ``backend="torch"``).  Returns (k, d) float64 unit
+    centroids; not FAISS's centroids."""
+    import torch
+
+    dev = "cuda" if device == "cuda" and torch_cuda() else "cpu"
+    u = _unit_rows(np.ascontiguousarray(x), torch.float32).to(dev)
+    n = len(u)
+    k = max(1, min(k, n))
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    # k-means++ seeding: each next centroid drawn with probability ~ its squared distance 2 - 2 cos to the
+    # nearest centroid so far (one pass over the rows per centroid: the cost of one Lloyd iteration in all),
+    # drawn on the device by inverse CDF (no copy of the weights to the host per centroid)
+    picks = torch.empty(k, dtype=torch.int64, device=dev)
+    picks[0] = torch.randint(n, (1,), generator=gen, device=dev)[0]
+    closest = u @ u[picks[0]]
+    for i in range(1, k):
+        cdf = torch.cumsum((2.0 - 2.0 * closest).clamp_min(0).double(), 0)
+        r = torch.rand(1, generator=gen, device=dev, dtype=torch.float64) * cdf[-1]
+        picks[i] = torch.searchsorted(cdf, r).clamp_max(n - 1)[0]
+        closest = torch.maximum(closest, u @ u[picks[i]])
+    c = u[picks].clone()
+    for _ in range(iterations):
+        best = torch.empty(n, dtype=torch.float32, device=dev)
+        label = torch.empty(n, dtype=torch.int64, device=dev)
+        for lo in range(0, n, _CHUNK):
+            top = (u[lo:lo + _CHUNK] @ c.T).max(dim=1)
+            best[lo:lo + _CHUNK], label[lo:lo + _CHUNK] = top.values, top.indices
+        sums = torch.zeros_like(c).index_add_(0, label, u)
+        counts = torch.bincount(label, minlength=k)
+        empty = torch.nonzero(counts == 0).flatten()
+        if len(empty):  # the rows worst served by their centroid seed the empty clusters
+            far = torch.topk(-best, len(empty)).indices
+            sums[empty] = u[far]
+        c = sums / torch.linalg.vector_norm(sums, dim=1, keepdim=True).clamp_min(1e-12)
+    return normalise(c.double().cpu().numpy())

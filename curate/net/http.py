@@ -7,13 +7,21 @@ checked by the :class:`~curate.net.guard.AddressGuard` and connected to directly
 ``Host`` header and TLS server name carry the host name), and at most ``max_per_host``
 requests in flight to one host.  Failures come back as a :class:`Response` with a reject
 reason and an error type, never as an exception.
+
+The deadline holds whatever the server answers: the :class:`~curate.net.limits.Reaper` holds each
+socket from the moment it is connected (``_new_conn`` below), and the body is read with ``read1``,
+which returns as bytes arrive, so the size cap and the deadline are checked as the body streams.
+HTTPS trusts ``ca_bundle`` when given, else ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set (OpenSSL's
+convention), else certifi's bundle; the host name is sent as SNI and checked against the certificate.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
 import http.client
 import logging
+import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -73,7 +81,8 @@ class Fetcher:
     def __init__(self, guard: AddressGuard, *, timeout: float = 10.0, deadline: float = 30.0,
                  max_bytes: int = 32 << 20, max_redirects: int = 5, max_per_host: int = 16, retries: int = 0,
                  user_agent: str = "curate", robots: Any = None,
-                 veto: Callable[[Any], tuple[str, str, str] | None] | None = None) -> None:
+                 veto: Callable[[Any], tuple[str, str, str] | None] | None = None,
+                 ca_bundle: str | None = None, headers: dict[str, str] | None = None) -> None:
         self.guard = guard
         self.timeout, self.deadline, self.max_bytes = timeout, deadline, max_bytes
         self.max_redirects, self.retries, self.user_agent = max_redirects, retries, user_agent
@@ -81,6 +90,8 @@ class Fetcher:
         self.reaper = Reaper()
         self.robots = robots  # RobotsCache or None
         self.veto = veto  # headers -> (reason, error_type, detail) to refuse a response before its body
+        self.ca_bundle = ca_bundle
+        self.headers = headers or {}  # request headers that replace or add to the defaults
         self._tls: ssl.SSLContext | None = None
 
     def close(self) -> None:
@@ -120,14 +131,14 @@ class Fetcher:
             if scheme not in ("http", "https") or not host:
                 return _fail(url, "download_failed", "bad_redirect" if hop else "unsupported_scheme",
                              f"{'redirect to ' if hop else ''}{url[:200]!r}: only http(s) URLs with a host are fetched")
-            if check_robots and self.robots is not None and not self.robots.allowed(self, url, deadline_at):
-                return _fail(url, "opted_out", "robots_txt", f"robots.txt of {host} disallows {parts.path or '/'}")
             try:
                 addresses = self.guard.addresses(host)
-            except BlockedAddress as e:
+            except BlockedAddress as e:  # before robots.txt: nothing at all is asked of a refused address
                 return _fail(url, "blocked_address", f"blocked_{e.category}", str(e))
             except ResolveError as e:
                 return _fail(url, "download_failed", "timeout" if e.timeout else "dns_error", str(e))
+            if check_robots and self.robots is not None and not self.robots.allowed(self, url, deadline_at):
+                return _fail(url, "opted_out", "robots_txt", f"robots.txt of {host} disallows {parts.path or '/'}")
             try:
                 with self.hosts.slot(host, deadline_at):
                     r = self._request(url, parts, host, port, addresses, deadline_at, max_bytes)
@@ -142,18 +153,14 @@ class Fetcher:
             return r
         return _fail(url, "download_failed", "too_many_redirects", f"more than {self.max_redirects} redirects")
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def tls_context(self) -> ssl.SSLContext:
+        """The one TLS context of this fetcher (made on first use; :func:`tls_context` says what it trusts)."""
         if self._tls is None:
-            import certifi
-
-            ctx = ssl.create_default_context(cafile=certifi.where())
-            self._tls = ctx
+            self._tls = tls_context(self.ca_bundle)
         return self._tls
 
     def _request(self, url: str, parts: Any, host: str, port: int | None, addresses: list[str],
                  deadline_at: float, max_bytes: int) -> Response:
-        from urllib3.connection import HTTPConnection, HTTPSConnection
-
         https = parts.scheme.lower() == "https"
         port = port or (443 if https else 80)
         try:
@@ -164,19 +171,21 @@ class Fetcher:
         host_header = (f"[{host_idna}]" if ":" in host_idna else host_idna) + ("" if default_port else f":{port}")
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         headers = {"Host": host_header, "User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8",
-                   "Accept-Encoding": "identity", "Connection": "close"}
+                   "Accept-Encoding": "identity", "Connection": "close", **self.headers}
         last: Response | None = None
         for ip in addresses:
             left = deadline_at - time.monotonic()
             if left <= 0:
                 break
             timeout = min(self.timeout, left)
+            watch = self.reaper.watch(deadline_at)
+            plain, secure = _connection_classes()
             if https:
-                conn = HTTPSConnection(ip, port, timeout=timeout, server_hostname=host_idna,
-                                       assert_hostname=host_idna, ssl_context=self._tls_context())
+                conn = secure(ip, port, timeout=timeout, server_hostname=host_idna,
+                              assert_hostname=host_idna, ssl_context=self.tls_context())
             else:
-                conn = HTTPConnection(ip, port, timeout=timeout)
-            watch = self.reaper.watch(deadline_at, conn)
+                conn = plain(ip, port, timeout=timeout)
+            conn.curate_watch = watch
             try:
                 return self._exchange(conn, url, target, headers, max_bytes, watch)
             except _Retryable as e:  # connect failed: try the host's next address
@@ -188,6 +197,8 @@ class Fetcher:
 
     def _exchange(self, conn: Any, url: str, target: str, headers: dict, max_bytes: int, watch: Any) -> Response:
         from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
+        from urllib3.exceptions import SSLError as Urllib3SSLError
+        from urllib3.util.ssl_match_hostname import CertificateError as Urllib3CertificateError
 
         got = 0
         try:
@@ -216,7 +227,7 @@ class Fetcher:
                              f"Content-Length {int(length):,} bytes > max_bytes {max_bytes:,}", status, hdrs)
             chunks = []
             while True:
-                chunk = resp.read(CHUNK)
+                chunk = resp.read1(CHUNK)  # whatever has arrived (up to CHUNK), not a full CHUNK
                 if watch.expired:
                     raise TimeoutError("deadline")
                 if not chunk:
@@ -231,7 +242,7 @@ class Fetcher:
             raise
         except (ReadTimeoutError, TimeoutError) as e:
             return self._err(url, watch, "read_timeout", f"no data for {self.timeout:g} s ({e})", got)
-        except (ssl.SSLError, ssl.CertificateError) as e:
+        except (ssl.SSLError, ssl.CertificateError, Urllib3SSLError, Urllib3CertificateError) as e:
             return self._err(url, watch, "ssl_error", f"TLS: {e}", got)
         except ConnectionRefusedError as e:
             return self._err(url, watch, "connection_refused", str(e), got)
@@ -247,6 +258,48 @@ class Fetcher:
         if error_type == "read_timeout":
             return _fail(url, "download_failed", "timeout", detail)
         return _fail(url, "download_failed", error_type, detail[:300])
+
+
+def tls_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """A verifying TLS context: ``ca_bundle`` if given, else ``SSL_CERT_FILE``/``SSL_CERT_DIR``, else certifi.
+
+    Raises ``ValueError`` with one line naming the file when the bundle cannot be loaded.
+    """
+    cafile, capath = ca_bundle, None
+    if cafile is None:
+        cafile, capath = os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None
+        if cafile is None and capath is None:
+            import certifi
+
+            cafile = certifi.where()
+    try:
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    except (OSError, ssl.SSLError) as e:
+        where = cafile if ca_bundle is not None else f"SSL_CERT_FILE={cafile} SSL_CERT_DIR={capath}"
+        raise ValueError(f"cannot load CA certificates from {where}: {e}") from None
+
+
+@functools.cache
+def _connection_classes() -> tuple[type, type]:
+    """urllib3's connection classes whose new socket is handed to the request's reaper watch at once."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+
+    class _Adopt:
+        curate_watch: Any = None
+
+        def _new_conn(self) -> Any:
+            sock = super()._new_conn()  # type: ignore[misc]
+            if self.curate_watch is not None:
+                self.curate_watch.adopt(sock)
+            return sock
+
+    class Plain(_Adopt, HTTPConnection):
+        pass
+
+    class Secure(_Adopt, HTTPSConnection):
+        pass
+
+    return Plain, Secure
 
 
 class _Retryable(Exception):

@@ -3,7 +3,16 @@
 The deadline is enforced by a :class:`Reaper` thread that shuts down the socket of a
 request whose deadline has passed.  A socket timeout alone cannot do this: it bounds
 each ``recv``, so a server that sends one byte every two seconds keeps a request alive
-forever, and a buffered read of 64 KiB waits for all of it.
+forever.
+
+The reaper holds the socket itself, from the moment it is connected (:meth:`Watch.adopt`, called
+from the connection's ``_new_conn``), as a duplicate file descriptor of its own.  It never looks the
+socket up on the connection object later: ``http.client`` takes the socket away from the connection
+when a server answers ``Connection: close`` (every HTTP/1.0 server, nginx answering curate's
+request), and a TLS wrap replaces it.  ``shutdown(SHUT_RDWR)`` acts on the connection, not on one
+descriptor, so shutting down the duplicate ends every blocked ``recv``/``send`` on the original and
+on the TLS socket wrapped around it; holding our own descriptor means it can never be closed and
+reused under the reaper.
 """
 
 from __future__ import annotations
@@ -14,28 +23,62 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 
 class Watch:
     """One request under the reaper's eye; ``expired`` tells whether the reaper cut it."""
 
-    __slots__ = ("deadline", "conn", "expired", "cancelled")
+    __slots__ = ("deadline", "expired", "cancelled", "_socks", "_lock")
 
-    def __init__(self, deadline: float, conn: Any) -> None:
-        self.deadline, self.conn = deadline, conn
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
         self.expired = self.cancelled = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Watch ``sock`` (just connected) until :meth:`cancel`; cut it at once if the deadline already passed."""
+        dup = sock.dup()
+        with self._lock:
+            if self.cancelled:
+                dup.close()
+                return
+            self._socks.append(dup)
+            if self.expired:
+                _shutdown(dup)
+
+    def expire(self) -> None:
+        """The deadline passed: shut down every socket of this request (called by the reaper)."""
+        with self._lock:
+            if self.cancelled:
+                return
+            self.expired = True
+            for s in self._socks:
+                _shutdown(s)
 
     def cancel(self) -> None:
-        self.cancelled = True
-        self.conn = None
+        """The request is over: close the reaper's duplicates (the request's own sockets are its own to close)."""
+        with self._lock:
+            self.cancelled = True
+            socks, self._socks = self._socks, []
+        for s in socks:
+            s.close()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # not connected (any more): nothing blocks on it
+        pass
 
 
 class Reaper:
-    """Shuts down the socket of every watched connection whose deadline (``time.monotonic``) passed.
+    """Shuts down the sockets of every watched request whose deadline (``time.monotonic``) passed.
 
-    ``shutdown(SHUT_RDWR)`` from another thread makes a blocked ``recv``/``send``/``connect`` return
-    at once, so the thread doing the request raises and frees itself.  One daemon thread per reaper.
+    ``shutdown(SHUT_RDWR)`` from another thread makes a blocked ``recv``/``send`` return at once, so
+    the thread doing the request raises (or reads end of file) and frees itself.  One daemon thread
+    per reaper.
     """
 
     def __init__(self) -> None:
@@ -45,14 +88,15 @@ class Reaper:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def watch(self, deadline: float, conn: Any) -> Watch:
-        w = Watch(deadline, conn)
+    def watch(self, deadline: float) -> Watch:
+        w = Watch(deadline)
         with self._cv:
             heapq.heappush(self._heap, (deadline, next(self._seq), w))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="curate-reaper", daemon=True)
                 self._thread.start()
-            self._cv.notify()
+            if self._heap[0][2] is w:  # the reaper sleeps until the earliest deadline: wake it only for a new one
+                self._cv.notify()
         return w
 
     def close(self) -> None:
@@ -76,16 +120,7 @@ class Reaper:
                 if self._closed:
                     return
                 w = heapq.heappop(self._heap)[2]
-                conn = w.conn
-            if conn is None or w.cancelled:
-                continue
-            w.expired = True
-            sock = getattr(conn, "sock", None)
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            w.expire()
 
 
 class HostLimiter:

@@ -138,6 +138,9 @@ class DedupSemanticParams(DedupParams):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="FAISS device (auto: GPU if FAISS has one)")
     kmeans_device: Literal["auto", "cpu", "cuda"] | None = Field(
         None, description="device of the k-means training (default: the same as device)")
+    kmeans_backend: Literal["faiss", "torch"] = Field(
+        "faiss", description="faiss: SemDeDup's own faiss.Kmeans (needs FAISS); torch: Lloyd's spherical k-means "
+                             "in torch for machines without FAISS (other centroids than FAISS's)")
     gpus_per_task: float = Field(1.0, gt=0, description="GPUs requested by each fit task on a Ray cluster with GPUs")
 
     @model_validator(mode="after")
@@ -243,18 +246,18 @@ def _scan(args: tuple[list[str], str, str, int, str, str]) -> list[tuple[int, st
     return vectors.parallel_map(_scan_file, jobs)
 
 
-def _train(args: tuple[list[str], int, int, int, str, str]) -> int:
+def _train(args: tuple[list[str], int, int, int, str, str, str, str]) -> int:
     """Spherical k-means (FAISS) on the sample, rows ordered by uid or by input position; the
     centroids are saved as ``out``.  Beyond 256 rows per centroid FAISS trains on a random subset
     (``faiss.rand_perm`` with the seed); those rows are picked here the same way
     (:func:`curate.dedup.vectors.faiss_training_rows`), so only they are loaded in float32."""
-    samples, k, iterations, seed, order, out, device = args
+    samples, k, iterations, seed, order, out, device, backend = args
     keys_cols = [S.UID] if order == "uid" else [S.SHARD, S.SOURCE_ROW]
     keys = pa.concat_tables([pq.read_table(f, columns=keys_cols) for f in samples])
     n = keys.num_rows
     k = min(k, n)
     rows = pc.sort_indices(keys, sort_keys=[(c, "ascending") for c in keys_cols]).to_numpy()
-    picked = vectors.faiss_training_rows(n, k, seed)
+    picked = vectors.faiss_training_rows(n, k, seed, backend)
     if picked is not None:
         rows = rows[picked]  # training order: FAISS's subset, in FAISS's order
     ends = np.cumsum([pq.read_metadata(f).num_rows for f in samples], dtype=np.int64)
@@ -266,7 +269,7 @@ def _train(args: tuple[list[str], int, int, int, str, str]) -> int:
         emb = _embeddings_of(pq.read_table(f, columns=["emb", "dtype"]))
         x32 = np.empty((len(rows), emb.shape[1]), np.float32) if x32 is None else x32
         x32[at] = emb[rows[at] - lo]
-    np.save(out, vectors.spherical_kmeans(x32, k, iterations, seed, device))
+    np.save(out, vectors.spherical_kmeans(x32, k, iterations, seed, device, backend))
     return n
 
 
@@ -397,8 +400,8 @@ class DedupSemantic(DedupStage):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         p: DedupSemanticParams = self.params  # type: ignore[assignment]
-        if p.method == "kmeans" or p.mode == "semdedup":  # method auto: checked when it picks k-means
-            vectors.import_faiss(self.id)
+        if (p.method == "kmeans" or p.mode == "semdedup") and p.kmeans_backend == "faiss":
+            vectors.import_faiss(self.id)  # method auto: checked when it picks k-means
 
     def fit(self, ctx: Any) -> Any:
         p: DedupSemanticParams = self.params  # type: ignore[assignment]
@@ -483,7 +486,9 @@ class DedupSemantic(DedupStage):
         order = "input" if p.mode == "semdedup" else "uid"
         device, gpus = self._device(ctx, p.kmeans_device or p.device)
         info["kmeans_device"] = device
+        info["kmeans_backend"] = p.kmeans_backend
         log.info("%s: spherical k-means (FAISS, %s), k=%d, %d iterations, seed %d", self.id, device, k,
                  p.kmeans_iterations, p.seed)
-        ctx.map(_train, [(samples, k, p.kmeans_iterations, p.seed, order, str(out), device)], num_gpus=gpus)
+        ctx.map(_train, [(samples, k, p.kmeans_iterations, p.seed, order, str(out), device, p.kmeans_backend)],
+                num_gpus=gpus)
         return str(out)

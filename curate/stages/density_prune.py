@@ -9,11 +9,15 @@ Rule (followed from the paper, Sec. 3, and its reference ``DBP`` code in faceboo
 * per cluster j (clusters with members only): ``d_intra_j`` = mean ``d`` of its members;
   ``d_inter_j`` = mean of ``1 - cos(c_j, c_i)`` over its ``neighbours`` (20) nearest other
   centroids; complexity ``C_j = d_inter_j * d_intra_j``; ``P = softmax(C / temperature)`` (0.5);
-* target ``N = floor(keep_fraction * rows)``; the real quota ``N_j = clip(lam * P_j, lo_j, n_j)``
-  with ``lo_j = min(min_per_cluster, n_j)`` and ``lam`` such that ``sum N_j = N`` (the projection of
-  ``P * N`` on the box ``[lo, n]``: capped clusters' excess goes to the others in proportion to P);
-  integers: the floors, then one more row to the clusters with the largest fractional parts (ties:
-  lower cluster id) until the sum is ``N``;
+* target ``N = floor(keep_fraction * rows)``; the quotas solve the reference's QP (``pruning_qp`` in
+  the authors' effective_pruning repository): ``min ||x - P * N||^2`` with ``sum x = N`` and
+  ``lb_j <= x_j <= n_j``, i.e. ``x_j = clip(P_j * N + mu, lb_j, n_j)`` for the one shift ``mu`` that
+  makes the sum ``N`` (capped clusters' excess is spread evenly over the others, not in proportion to
+  P); ``lb_j = min(m, n_j - 1)`` with the reference's class-balance floor ``m = floor(cluster_balance *
+  N / k)`` (its ``cls_bal_ratio``, default 0.5; ``m = 1`` when 0; k: clusters with rows), raised to
+  ``min(min_per_cluster, n_j)``; integers: the floors, then one more row to the clusters with the
+  largest fractional parts (ties: lower cluster id) until the sum is exactly ``N`` (the reference
+  rounds with ``rint`` and may miss ``N`` by a few rows);
 * inside a cluster keep the ``N_j`` rows farthest from the centroid (``keep: hard``, the paper's
   choice), the closest (``easy``) or a seeded random pick (``random``: by a hash of seed and uid);
   ties by uid.  The others are rejected with ``density_pruned``.
@@ -53,7 +57,11 @@ class DensityPruneParams(StageParams):
     keep_fraction: float = Field(gt=0, le=1, description="fraction of the rows reaching the stage to keep")
     temperature: float = Field(0.5, gt=0, description="softmax temperature over cluster complexities")
     neighbours: int = Field(20, ge=1, description="nearest other centroids averaged in d_inter")
-    min_per_cluster: int = Field(0, ge=0, description="keep at least this many rows of every cluster")
+    cluster_balance: float = Field(0.5, ge=0, le=1, description="the reference's class-balance floor "
+                                   "(cls_bal_ratio): every cluster keeps at least floor(cluster_balance * "
+                                   "target / clusters) rows, at most all but one (0: at least 1)")
+    min_per_cluster: int = Field(0, ge=0, description="keep at least this many rows of every cluster "
+                                 "(on top of cluster_balance's floor)")
     keep: Literal["hard", "easy", "random"] = Field("hard", description="inside a cluster keep the farthest "
                                                     "from the centroid (hard), the closest (easy) or random")
     seed: int = Field(0, description="keep random: the seed of the pick; k-means trained here: its seed")
@@ -64,32 +72,53 @@ class DensityPruneParams(StageParams):
     rows_per_bucket: int = Field(2_000_000, ge=1, description="rows per cluster-bucket task of the selection")
 
 
-def quotas(p: np.ndarray, sizes: np.ndarray, target: int, floor: int) -> np.ndarray:
-    """Integer rows kept per cluster: ``clip(lam * p, lo, sizes)`` summing to ``target`` (see the
-    module docstring), rounded by largest remainders."""
-    sizes = sizes.astype(np.float64)
-    lo = np.minimum(float(floor), sizes)
-    target = int(min(max(target, int(lo.sum())), int(sizes.sum())))
+def lower_bounds(sizes: np.ndarray, target: int, balance: float, min_per_cluster: int = 0) -> np.ndarray:
+    """Rows every cluster keeps at least: the reference's ``min(m, n_j - 1)`` with its class-balance floor
+    ``m = floor(balance * target / k)`` (``m = 1`` when ``balance`` is 0; k: clusters with rows), raised to
+    ``min(min_per_cluster, n_j)``."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    k = int((sizes > 0).sum())
+    m = int(balance * target / k) if balance > 0 and k else 1
+    lb = np.maximum(np.minimum(m, sizes - 1), 0)
+    return np.maximum(lb, np.minimum(min_per_cluster, sizes))
 
-    def total(lam: float) -> float:
-        return float(np.clip(lam * p, lo, sizes).sum())
 
-    a, b = 0.0, 1.0
-    while total(b) < target:
-        b *= 2.0
+def quotas(p: np.ndarray, sizes: np.ndarray, target: int, lb: np.ndarray) -> np.ndarray:
+    """Integer rows kept per cluster: the solution of the reference's QP (``pruning_qp``)
+
+        min ||x - p * target||^2   s.t.   sum(x) = target,   lb <= x <= sizes,
+
+    which is the additive shift ``x_j = clip(p_j * target + mu, lb_j, n_j)`` (``mu`` by bisection: the sum
+    is monotone in it), rounded by largest remainders (ties: lower cluster id) so that the quotas sum to
+    exactly ``target``.  The reference rounds with ``rint`` and may miss the total by a few rows.  A target
+    outside ``[sum(lb), sum(sizes)]`` is moved to the nearest end."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    lb = np.minimum(np.asarray(lb, dtype=np.float64), sizes)
+    target = int(min(max(target, int(lb.sum())), int(sizes.sum())))
+    want = np.asarray(p, dtype=np.float64) * target
+
+    def total(mu: float) -> float:
+        return float(np.clip(want + mu, lb, sizes).sum())
+
+    a = float((lb - want).min()) - 1.0  # every cluster at its lower bound: total(a) = sum(lb) <= target
+    b = float((sizes - want).max()) + 1.0  # every cluster full: total(b) = sum(sizes) >= target
     for _ in range(200):  # bisection to float precision
         m = (a + b) / 2.0
         if total(m) < target:
             a = m
         else:
             b = m
-    real = np.clip(b * p, lo, sizes)
+    real = np.clip(want + b, lb, sizes)
     out = np.floor(real + 1e-9).astype(np.int64)
     left = target - int(out.sum())
     if left > 0:
         frac = np.where(out < sizes, real - out, -1.0)
         order = np.lexsort((np.arange(len(frac)), -frac))  # largest fraction first, then lower id
         out[order[:left]] += 1
+    elif left < 0:  # floats summing a hair over the target: take back from the smallest fractions above lb
+        frac = np.where(out > lb, real - out, np.inf)
+        order = np.lexsort((np.arange(len(frac)), frac))
+        out[order[:-left]] -= 1
     return out
 
 
@@ -213,7 +242,7 @@ class DensityPrune(DecisionStage):
             e = np.exp(z - z.max())
             prob[live] = e / e.sum()
         target = math.floor(p.keep_fraction * n)
-        quota = quotas(prob, counts, target, p.min_per_cluster)
+        quota = quotas(prob, counts, target, lower_bounds(counts, target, p.cluster_balance, p.min_per_cluster))
         np.save(work / "quota.npy", quota)
         buckets = store.n_buckets(len(ctx.paths))
         removed = sum(ctx.map(_select, [(str(work / "assign"), b, str(work / "quota.npy"), p.keep, p.seed,

@@ -61,6 +61,10 @@ class DownloadParams(StageParams):
     static_hosts: dict[str, list[str]] = Field(default_factory=dict, description="host name -> addresses, "
                                                "used instead of DNS (like curl --resolve); still guarded")
     respect_robots_txt: bool = Field(False, description="fetch and obey each host's robots.txt (cached)")
+    request_headers: dict[str, str] = Field(default_factory=dict, description="request headers added to or "
+                                            "replacing curate's (e.g. Referer, Connection: keep-alive); not Host")
+    ca_bundle: str | None = Field(None, description="PEM file of the CAs trusted for https:// (replaces the default: "
+                                  "SSL_CERT_FILE / SSL_CERT_DIR when set, else certifi's bundle)")
     retries: int = Field(0, ge=0, description="extra attempts after a transient error (within the deadline)")
     thread_count: int = Field(32, ge=1, description="download threads per worker")
     user_agent_token: str | None = Field(None, description="token added to the User-Agent and matched in X-Robots-Tag")
@@ -80,6 +84,21 @@ class DownloadParams(StageParams):
 
         parse_networks(v)
         return v
+
+    @field_validator("request_headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, val in v.items():
+            if k.lower() == "host" or not k.isascii() or any(c in k + val for c in "\r\n\0") or not k.strip():
+                raise ValueError(f"{k!r}: the Host header is set from each URL, and a header may not hold line breaks")
+        return v
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isfile(os.path.expanduser(v)):
+            raise ValueError(f"{v!r} is not a file (a PEM bundle of CA certificates)")
+        return os.path.expanduser(v) if v is not None else None
 
     @field_validator("static_hosts")
     @classmethod
@@ -114,9 +133,10 @@ def _img2dataset_parts() -> tuple[Any, Any]:
 
     ``import img2dataset.resizer`` first imports the package, whose ``__init__`` loads the whole CLI
     (its webdataset writer imports torch): ~4.5 s and ~800 MB in every download worker, against
-    ~1.6 s for the two modules used here (albumentations, and wandb through the downloader's logger).
-    The modules are loaded under a bare parent package, then everything is taken out of
-    ``sys.modules`` again, so a later ``import img2dataset`` in the same process gets the real package.
+    ~1.0 s for the two modules used here (albumentations; the downloader's stats logger, which would
+    import wandb, is replaced by a stand-in).  The modules are loaded under a bare parent package, then
+    everything is taken out of ``sys.modules`` again, so a later ``import img2dataset`` in the same
+    process gets the real package and its real logger.
     """
     import importlib
     import importlib.util
@@ -134,6 +154,11 @@ def _img2dataset_parts() -> tuple[Any, Any]:
     bare.__path__ = list(spec.submodule_search_locations)
     bare.__spec__ = spec
     sys.modules["img2dataset"] = bare
+    # the downloader module imports its stats logger only for names is_disallowed never uses; that logger
+    # imports wandb (~0.5 s per worker): a stand-in holding those names is loaded in its place
+    logger = types.ModuleType("img2dataset.logger")
+    logger.CappedCounter = logger.write_stats = None  # type: ignore[attr-defined]
+    sys.modules["img2dataset.logger"] = logger
     try:
         resizer = importlib.import_module("img2dataset.resizer").Resizer
         disallowed = importlib.import_module("img2dataset.downloader").is_disallowed
@@ -192,7 +217,9 @@ class Download(MapStage):
             AddressGuard(p.allow_networks, static_hosts=p.static_hosts, resolve_timeout=min(p.timeout, p.deadline)),
             timeout=p.timeout, deadline=p.deadline, max_bytes=p.max_bytes, max_redirects=p.max_redirects,
             max_per_host=p.max_per_host, retries=p.retries, user_agent=f"{UA_BASE} (compatible; {agent})",
-            robots=RobotsCache(agent) if p.respect_robots_txt else None, veto=veto)
+            robots=RobotsCache(agent) if p.respect_robots_txt else None, veto=veto, ca_bundle=p.ca_bundle,
+            headers=p.request_headers)
+        self.fetcher.tls_context()  # a CA bundle that cannot be loaded stops the run here, in one line
 
     def teardown(self) -> None:
         fetcher = getattr(self, "fetcher", None)
@@ -282,4 +309,4 @@ class Download(MapStage):
                 "timeout": p.timeout, "deadline": p.deadline, "max_bytes": p.max_bytes,
                 "max_image_pixels": p.max_image_pixels, "allow_networks": p.allow_networks,
                 "max_per_host": p.max_per_host, "respect_robots_txt": p.respect_robots_txt,
-                "thread_count": p.thread_count}
+                "ca_bundle": p.ca_bundle, "thread_count": p.thread_count}

@@ -126,12 +126,40 @@ def load_state(path: str) -> dict[str, Any]:
         return load_file(str(p))
     import torch
 
-    state = torch.load(str(p), map_location="cpu", weights_only=True)
+    import pickle
+
+    save = "save the weights alone: torch.save(model.state_dict(), PATH) or safetensors"
+    try:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's multi-line message: a class a weights-only load refuses
+        raise StageError(f"embedding_head: {path} is a pickled object (a whole module?), not a state dict: "
+                         f"{save}") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise StageError(f"embedding_head: {path} is not a torch.save file ({' '.join(str(e).split())[:120]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise StageError(f"embedding_head: {path} holds a {type(state).__name__}, not a state dict")
+        raise StageError(f"embedding_head: {path} holds a {type(state).__name__}, not a state dict: {save}")
     return state
+
+
+def _linear_shapes(in_dim: int, sizes: list[int]) -> str:
+    dims = [in_dim, *sizes, 1]
+    return " -> ".join(f"{a}x{b}" for a, b in zip(dims, dims[1:]))
+
+
+def _found_shapes(state: dict[str, Any]) -> str:
+    """The file's 2-d weights in layer order, as in x out (what a Linear layer of that key would be)."""
+    import re
+
+    found = []
+    for key, v in state.items():
+        m = re.fullmatch(r"layers\.(\d+)\.weight", key)
+        if m and getattr(v, "ndim", 0) == 2:
+            found.append((int(m.group(1)), f"{int(v.shape[1])}x{int(v.shape[0])}"))
+    other = [k for k in state if not re.fullmatch(r"layers\.\d+\.(weight|bias)", k)]
+    text = " -> ".join(shape for _, shape in sorted(found)) or "no layers.N.weight"
+    return text + (f" (and keys {', '.join(other[:3])}{', ...' if len(other) > 3 else ''})" if other else "")
 
 
 @register
@@ -159,9 +187,11 @@ class EmbeddingHead(MapStage):
         head = build_head(p.preset, int(first.shape[1]), p.hidden, p.activation, p.dropout)
         try:
             head.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise StageError(f"embedding_head: {p.weights} does not fit preset {p.preset} "
-                             f"(hidden {p.hidden}): {' '.join(str(e).split())[:300]}") from None
+        except RuntimeError:
+            sizes = PRESETS[p.preset][0] if p.preset in PRESETS else p.hidden
+            raise StageError(f"embedding_head: {p.weights} does not fit preset {p.preset}: expected Linear layers "
+                             f"{_linear_shapes(int(first.shape[1]), sizes)} (in x out), found "
+                             f"{_found_shapes(state)}") from None
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if p.device == "auto" else p.device
         self.head = head.to(self.device).eval()
         self.in_dim = int(first.shape[1])

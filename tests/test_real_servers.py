@@ -1,0 +1,150 @@
+"""The download stage against real server software: nginx (Debian's package) and an HTTP/1.0 origin.
+
+A property that depends on how servers behave is proven here against the real thing, not only
+against tests/hostile_server.py (which speaks HTTP/1.1 and never answers ``Connection: close``).
+The session fixture ``real_web`` (conftest) runs one nginx with http and https servers on 127.0.0.1
+and one Python ``BaseHTTPRequestHandler`` origin at its default protocol version, HTTP/1.0.
+Every row is accounted for (exactly once in data/ or rejected/) by ``_run``; the suite's audit hook
+fails a test that tries to reach anything outside 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from curate.net.guard import AddressGuard
+from curate.net.http import Fetcher
+from test_hostile_web import ALLOW, _run, _why
+
+DEADLINE = 5
+HOSTS = {"curate.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}  # https names, resolved without DNS
+
+
+def _https(site, host: str, path: str) -> str:
+    return f"https://{host}:{site.https_port}{path}"
+
+
+def _assert_cut(row: dict) -> None:
+    assert _why(row) == ("download_failed", "timeout"), (row["url"], row["reject_reason"], row["reject_detail"])
+    assert f"deadline of {DEADLINE} s exceeded" in row["reject_detail"], row["reject_detail"]
+
+
+# -- the deadline holds on every connection, whatever the server answers --------------------------------
+@pytest.mark.parametrize("runner", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.mark.parametrize("connection", ["close", "keep-alive"])
+def test_trickled_answers_end_at_the_deadline(real_web, tmp_path, runner, connection, request):
+    """nginx trickling a body (answering ``Connection: close`` or keep-alive) or headers, an HTTP/1.0 origin
+    trickling its body directly and behind nginx as a reverse proxy, and a trickled HTTPS body."""
+    if runner == "ray":
+        request.getfixturevalue("ray_cluster")
+    site, origin = real_web, real_web.origin
+    slow = [f"{site.base}/slow/a.jpg", f"{site.base}/slow-headers/b.jpg", f"{origin.base}/trickle.jpg",
+            f"{site.base}/origin/trickle.jpg", _https(site, "curate.test", "/slow/c.jpg")]
+    fine = [f"{site.base}/photos/d.jpg", f"{origin.base}/photo.jpg", _https(site, "curate.test", "/photos/a.jpg")]
+    rows, wall = _run(tmp_path, slow + fine, runner, timeout=3, deadline=DEADLINE, static_hosts=HOSTS,
+                      ca_bundle=str(site.ca), request_headers={"Connection": connection})
+    for u in slow:  # a byte a second (or two a second) never trips the 3 s read timeout: only the deadline ends them
+        _assert_cut(rows[u])
+    for u in fine:
+        assert rows[u]["reject_reason"] is None and rows[u]["image"][:2] == b"\xff\xd8", rows[u]["reject_detail"]
+    # before the fix, nginx's answer to `Connection: close` kept this run going for ~10,000 s (64 KiB at 1 B/s)
+    assert wall < DEADLINE + (60 if runner == "ray" else 15), wall
+
+
+def test_fetcher_returns_within_the_deadline_for_each_server_kind(real_web):
+    """One request at a time through the client itself: each ends within the deadline plus a small margin."""
+    site, origin = real_web, real_web.origin
+    f = Fetcher(AddressGuard(ALLOW), timeout=3, deadline=2)
+    try:
+        for url in (f"{site.base}/slow/a.jpg", f"{origin.base}/trickle.jpg", f"{site.base}/origin/trickle.jpg"):
+            t0 = time.monotonic()
+            r = f.get(url)
+            took = time.monotonic() - t0
+            assert (r.reason, r.error_type) == ("download_failed", "timeout"), (url, r.detail)
+            assert took < 2 + 1.0, (url, took)
+    finally:
+        f.close()
+
+
+def test_body_reads_return_as_bytes_arrive(real_web):
+    """nginx sends headers and body up to 2 KB at once, then a byte a second: the client counts those bytes as
+    they come (a read of a full 64 KiB buffer would still be waiting for them when the deadline cuts it)."""
+    import re
+
+    f = Fetcher(AddressGuard(ALLOW), timeout=3, deadline=3)
+    try:
+        r = f.get(f"{real_web.base}/slow/a.jpg")
+    finally:
+        f.close()
+    assert r.error_type == "timeout", r.detail
+    got = int(re.search(r"([\d,]+) bytes read", r.detail).group(1).replace(",", ""))
+    assert 1_700 <= got <= 2_100, r.detail  # the burst's body part (~1.8 KB) and a byte or two more
+
+
+# -- what real servers answer: redirects, errors, Retry-After, size, opt-outs ----------------------------
+def test_nginx_answers(real_web, tmp_path, netlog):
+    site, base = real_web, real_web.base
+    urls = {
+        "r301": f"{base}/r301", "r302": f"{base}/r302", "blocked": f"{base}/r302-blocked",
+        "403": f"{base}/s403", "404": f"{base}/photos/missing.jpg", "500": f"{base}/s500",
+        "429": f"{base}/s429?t=nginx-answers", "503": f"{base}/s503",
+        "big": f"{base}/photos/big.jpg", "chunked": f"{base}/origin/endless",
+        "noai": f"{base}/noai/a.jpg", "private": f"{base}/private/b.jpg", "ok": f"{base}/photos/c.jpg",
+    }
+    robots_before = site.requests("/robots.txt")
+    rows, _ = _run(tmp_path, list(urls.values()), deadline=10, max_bytes=1 << 20, respect_robots_txt=True)
+    r = {k: rows[u] for k, u in urls.items()}
+    for k in ("r301", "r302", "ok"):
+        assert r[k]["reject_reason"] is None and r[k]["image"], (k, r[k]["reject_detail"])
+    assert _why(r["blocked"]) == ("blocked_address", "blocked_loopback"), r["blocked"]["reject_detail"]
+    for code in ("403", "404", "500"):
+        assert _why(r[code]) == ("download_failed", f"http_{code}"), r[code]["reject_detail"]
+    assert _why(r["429"]) == ("download_failed", "http_429")
+    assert site.requests("/s429?t=nginx-answers") == 2  # Retry-After: 1 fits in the deadline: asked once more
+    assert _why(r["503"]) == ("download_failed", "http_503")
+    assert "Retry-After 3600 s is past" in r["503"]["reject_detail"]
+    assert _why(r["big"]) == ("response_too_large", "content_length")
+    assert _why(r["chunked"]) == ("response_too_large", "streamed")
+    assert _why(r["noai"]) == ("opted_out", "x_robots_tag")
+    assert _why(r["private"]) == ("opted_out", "robots_txt")
+    assert site.requests("/private/b.jpg") == 0  # never asked for
+    assert site.requests("/robots.txt") - robots_before == 1  # fetched once for the host, cached
+    connects = {x.split()[2] for x in netlog.lines() if "socket.connect" in x}
+    assert "127.0.0.2" not in connects  # the redirect to a refused address was never dialled
+
+
+# -- HTTPS ---------------------------------------------------------------------------------------------
+def test_https_trusts_only_what_it_is_told(real_web, tmp_path, monkeypatch):
+    site = real_web
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    good, wrong_name = _https(site, "curate.test", "/photos/b.jpg"), _https(site, "other.test", "/photos/b.jpg")
+    rows, _ = _run(tmp_path / "untrusted", [good], static_hosts=HOSTS)  # certifi's CAs do not know the test CA
+    assert _why(rows[good]) == ("download_failed", "ssl_error") and "CERTIFICATE_VERIFY_FAILED" in \
+        rows[good]["reject_detail"], rows[good]["reject_detail"]
+    rows, _ = _run(tmp_path / "bundle", [good, wrong_name], static_hosts=HOSTS, ca_bundle=str(site.ca))
+    assert rows[good]["reject_reason"] is None and rows[good]["image"], rows[good]["reject_detail"]
+    # SNI other.test: nginx answers with its curate.test certificate, which names another host
+    assert _why(rows[wrong_name]) == ("download_failed", "ssl_error"), rows[wrong_name]["reject_detail"]
+    assert "other.test" in rows[wrong_name]["reject_detail"] or "match" in rows[wrong_name]["reject_detail"]
+    monkeypatch.setenv("SSL_CERT_FILE", str(site.ca))  # OpenSSL's convention, when no ca_bundle is given
+    rows, _ = _run(tmp_path / "env", [good], static_hosts=HOSTS)
+    assert rows[good]["reject_reason"] is None, rows[good]["reject_detail"]
+
+
+def test_ca_bundle_errors_are_one_line(tmp_path):
+    import curate
+    from curate.config import ConfigError
+
+    cfg = {"input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "out")},
+           "stages": [{"stage": "download", "ca_bundle": str(tmp_path / "missing.pem")}]}
+    with pytest.raises(ConfigError, match="missing.pem.*is not a file"):
+        curate.run(cfg)
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    from curate.net.http import tls_context
+
+    with pytest.raises(ValueError, match=f"cannot load CA certificates from {bad}"):
+        tls_context(str(bad))
