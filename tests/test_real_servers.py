@@ -148,3 +148,37 @@ def test_ca_bundle_errors_are_one_line(tmp_path):
 
     with pytest.raises(ValueError, match=f"cannot load CA certificates from {bad}"):
         tls_context(str(bad))
+
+
+def test_request_headers_replace_ours_whatever_their_case():
+    """A user's header replaces curate's of the same name in any case: nothing is sent twice."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    got: list[bytes] = []
+
+    def answer() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            got.append(data)
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    f = Fetcher(AddressGuard(ALLOW), timeout=3, deadline=5, headers={"connection": "keep-alive", "Referer": "x"})
+    try:
+        r = f.get(f"http://127.0.0.1:{srv.getsockname()[1]}/a.jpg")
+    finally:
+        f.close()
+        srv.close()
+    t.join(5)
+    assert r.error_type == "http_404"
+    lines = [x.lower() for x in got[0].decode().split("\r\n")]
+    assert [x for x in lines if x.startswith("connection:")] == ["connection: keep-alive"]
+    assert "referer: x" in lines and sum(x.startswith("host:") for x in lines) == 1

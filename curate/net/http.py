@@ -171,7 +171,10 @@ class Fetcher:
         host_header = (f"[{host_idna}]" if ":" in host_idna else host_idna) + ("" if default_port else f":{port}")
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         headers = {"Host": host_header, "User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8",
-                   "Accept-Encoding": "identity", "Connection": "close", **self.headers}
+                   "Accept-Encoding": "identity", "Connection": "close"}
+        if self.headers:  # the user's replace ours whatever their case (no header is sent twice)
+            given = {k.lower() for k in self.headers}
+            headers = {**{k: v for k, v in headers.items() if k.lower() not in given}, **self.headers}
         last: Response | None = None
         for ip in addresses:
             left = deadline_at - time.monotonic()

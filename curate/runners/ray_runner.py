@@ -203,6 +203,15 @@ class RayRunner(Runner):
         # leave room for the read/write tasks of the pipeline (2-core machines deadlock otherwise)
         return 1, max(1, int((self.cpus - 0.5) / max(res.num_cpus, 0.01)))
 
+    def _light_tasks(self, stages: list[Stage], factors: tuple[float, float]) -> int:
+        """Tasks of one kind (shard reads, a stateless stage, part writes, shard finishes) that may run at
+        once: one per CPU the actor pools leave free.  Every task running at the same time is a worker process of its own
+        (Python, Ray, pyarrow and curate imported: ~1.5 CPU-s each), and at 0.25 CPU a task the free CPUs of a
+        2-core machine started 7 of them for a 10,000-row download (10.7 CPU-s, a seventh of the run's CPU;
+        with one per free CPU the run took 57 CPU-s instead of 76, bench/download.py)."""
+        busy = sum(self._pool_size(s)[1] * s.resources.num_cpus * factors[0] for s in stages if s.resources.stateful)
+        return max(1, int(self.cpus - busy))
+
     def _fit_factors(self, stages: list[Stage]) -> tuple[float, float]:
         """Scale factors so one actor of every actor-pool stage fits the cluster at once.
 
@@ -221,7 +230,8 @@ class RayRunner(Runner):
         return fc, fg
 
     def _add_stage(self, ds: Any, stage: Stage, index: int, state: list | None, key: str,
-                   factors=(1.0, 1.0), max_rows: int | None = None, write: tuple | None = None) -> Any:
+                   factors=(1.0, 1.0), max_rows: int | None = None, write: tuple | None = None,
+                   tasks: int | None = None) -> Any:
         import ray
 
         res = stage.resources
@@ -241,6 +251,8 @@ class RayRunner(Runner):
             actor_cls = type(f"Stage_{stage.id}", (_StageActor,), {"__module__": __name__})
             return ds.map_batches(actor_cls, fn_constructor_args=(params, state, index, write),
                                   compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi), **common)
+        if tasks is not None:  # one task per free CPU at most (see _light_tasks)
+            common["compute"] = ray.data.TaskPoolStrategy(size=tasks)
         return ds.map_batches(_stage_task, fn_args=(params, state, key, index), **common)
 
     def run_segment(self, job: SegmentJob) -> dict[str, float]:
@@ -255,11 +267,14 @@ class RayRunner(Runner):
         finish = ray.remote(num_cpus=0.25)(_finish)
         light = job.light()
         pending: list[Any] = []
+        factors = self._fit_factors(stages)
+        tasks = self._light_tasks(stages, factors)
+        in_flight = min(MAX_FINISHING, tasks)
 
         def start(shard: str, seconds: dict[str, float], is_empty: bool) -> None:
             pending.append(finish.remote(light, shard, {shard: job.inputs[shard]},
                                          {shard: job.expected_rows.get(shard, 0)}, seconds, is_empty))
-            while len(pending) > MAX_FINISHING:
+            while len(pending) > in_flight:
                 done, rest = ray.wait(pending, num_returns=1)
                 ray.get(done)
                 pending[:] = rest
@@ -274,10 +289,10 @@ class RayRunner(Runner):
             # into the first stage: fused, the stage's batch size (in rows) would bundle that many *shards*
             # into one task, and one worker would run the whole segment while the others wait.
             ds = ds.map_batches(_read_entering, fn_args=(job.layout, k), batch_size=1,
-                                batch_format="pyarrow", num_cpus=READ_CPUS, ray_remote_args_fn=_read_args)
+                                batch_format="pyarrow", num_cpus=READ_CPUS, ray_remote_args_fn=_read_args,
+                                compute=ray.data.TaskPoolStrategy(size=tasks))
             head_state = [ray.put(job.segment.head.state)] if job.segment.head is not None else None
             key = uuid.uuid4().hex
-            factors = self._fit_factors(stages)
             max_rows = max((job.expected_rows[s] for s in todo), default=None)
             final = None
             if job.final:
@@ -290,10 +305,10 @@ class RayRunner(Runner):
             own_write = bool(stages) and stages[-1].resources.stateful
             for i, st in enumerate(stages):
                 ds = self._add_stage(ds, st, i, head_state if st is job.segment.head else None, key, factors,
-                                     max_rows, write if own_write and i == len(stages) - 1 else None)
+                                     max_rows, write if own_write and i == len(stages) - 1 else None, tasks)
             if not own_write:
                 ds = ds.map_batches(_write_parts, fn_args=write, batch_size=None, batch_format="pyarrow",
-                                    num_cpus=0.25)
+                                    num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=tasks))
             got: dict[str, int] = defaultdict(int)
             secs: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
