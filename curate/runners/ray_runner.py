@@ -205,11 +205,13 @@ class RayRunner(Runner):
 
     def _light_tasks(self, stages: list[Stage], factors: tuple[float, float]) -> int:
         """Tasks of one kind (shard reads, a stateless stage, part writes, shard finishes) that may run at
-        once: one per CPU the actor pools leave free.  Every task running at the same time is a worker process of its own
-        (Python, Ray, pyarrow and curate imported: ~1.5 CPU-s each), and at 0.25 CPU a task the free CPUs of a
-        2-core machine started 7 of them for a 10,000-row download (10.7 CPU-s, a seventh of the run's CPU;
-        with one per free CPU the run took 57 CPU-s instead of 76, bench/download.py)."""
-        busy = sum(self._pool_size(s)[1] * s.resources.num_cpus * factors[0] for s in stages if s.resources.stateful)
+        once: one per CPU the actor pools leave free.  Every task running at the same time is a worker
+        process of its own (Python, Ray, pyarrow and curate imported: ~1.5 CPU-s each), and at 0.25 CPU a
+        task the free CPUs of a 2-core machine started 7 of them for a 10,000-row download (10.7 CPU-s, a
+        seventh of the run's CPU; with one per free CPU the run took 57 CPU-s instead of 76,
+        bench/download.py)."""
+        # the pools' minimum sizes: an autoscaling pool (1..n actors) on a large cluster leaves its CPUs to tasks
+        busy = sum(self._pool_size(s)[0] * s.resources.num_cpus * factors[0] for s in stages if s.resources.stateful)
         return max(1, int(self.cpus - busy))
 
     def _fit_factors(self, stages: list[Stage]) -> tuple[float, float]:
