@@ -78,7 +78,7 @@ def lower_bounds(sizes: np.ndarray, target: int, balance: float, min_per_cluster
     ``min(min_per_cluster, n_j)``."""
     sizes = np.asarray(sizes, dtype=np.int64)
     k = int((sizes > 0).sum())
-    m = int(balance * target / k) if balance > 0 and k else 1
+    m = int(target / k * balance) if balance > 0 and k else 1  # the reference's int((N / k) * cls_bal_ratio)
     lb = np.maximum(np.minimum(m, sizes - 1), 0)
     return np.maximum(lb, np.minimum(min_per_cluster, sizes))
 

@@ -89,16 +89,21 @@ class DownloadParams(StageParams):
     @classmethod
     def _headers(cls, v: dict[str, str]) -> dict[str, str]:
         for k, val in v.items():
-            if k.lower() == "host" or not k.isascii() or any(c in k + val for c in "\r\n\0") or not k.strip():
-                raise ValueError(f"{k!r}: the Host header is set from each URL, and a header may not hold line breaks")
+            if k.lower() == "host":
+                raise ValueError("Host is set from each URL")
+            if not k.strip() or not k.isascii() or any(c in k + val for c in "\r\n\0"):
+                raise ValueError(f"{k!r}: a header needs an ASCII name and no line breaks or NUL")
         return v
 
     @field_validator("ca_bundle")
     @classmethod
     def _ca_bundle(cls, v: str | None) -> str | None:
-        if v is not None and not os.path.isfile(os.path.expanduser(v)):
+        if v is None:
+            return None
+        path = os.path.expanduser(v)
+        if not os.path.isfile(path):
             raise ValueError(f"{v!r} is not a file (a PEM bundle of CA certificates)")
-        return os.path.expanduser(v) if v is not None else None
+        return path
 
     @field_validator("static_hosts")
     @classmethod
