@@ -152,9 +152,10 @@ RESOURCE_PARAMS = ("num_cpus", "num_gpus", "concurrency")
 
 
 def work_params(params: StageParams) -> dict[str, Any]:
-    """A stage's parameters that change its output (JSON values; resources left out)."""
+    """A stage's parameters that change its output (JSON values; resources and other execution-only
+    parameters, such as download's thread counts, left out)."""
     data = params.model_dump(mode="json")
-    for k in RESOURCE_PARAMS:
+    for k in (*RESOURCE_PARAMS, *params.execution_params):
         data.pop(k, None)
     return data
 

@@ -43,6 +43,8 @@ class StageParams(BaseModel):
     """Parameters every stage accepts, besides its own."""
 
     model_config = ConfigDict(extra="forbid")
+    #: parameters that change how fast a stage runs, never what it outputs (left out of fingerprints)
+    execution_params: ClassVar[tuple[str, ...]] = ("num_cpus", "num_gpus", "concurrency")
 
     stage: str = Field(description="registered stage name")
     id: str | None = Field(None, description="stage id in stats and reject_stage (default: the name)")
@@ -256,6 +258,28 @@ def _check_same_rows(stage: "Stage", before: pa.Table, after: pa.Table) -> None:
             f"stage {stage.id!r} returned {after.num_rows} rows for {before.num_rows}: "
             "a stage must return every row it is given, in order (reject, never drop)"
         )
+
+
+def worker_cpus() -> int:
+    """The CPUs this worker may use: its ``CPU`` allocation inside a Ray task or actor, else the CPUs
+    the process may run on (its affinity mask)."""
+    import os
+    import sys
+
+    ray = sys.modules.get("ray")  # only where ray is already loaded: an in-process run never imports it
+    if ray is not None and ray.is_initialized():
+        try:
+            ctx = ray.get_runtime_context()
+            if ctx.worker.mode == ray.WORKER_MODE:
+                cpus = ctx.get_assigned_resources().get("CPU")
+                if cpus:
+                    return max(1, int(cpus))
+        except Exception:  # noqa: BLE001 - an API change must not stop a stage: fall back to the affinity
+            log.debug("no CPU allocation from Ray's runtime context", exc_info=True)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
 
 
 def release_memory() -> None:

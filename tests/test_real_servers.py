@@ -182,3 +182,42 @@ def test_request_headers_replace_ours_whatever_their_case():
     lines = [x.lower() for x in got[0].decode().split("\r\n")]
     assert [x for x in lines if x.startswith("connection:")] == ["connection: keep-alive"]
     assert "referer: x" in lines and sum(x.startswith("host:") for x in lines) == 1
+
+
+def test_resize_threads_change_only_the_speed(real_web, tmp_path, monkeypatch):
+    """Several resize threads give the very rows one thread gives (the photos decoded and resized in parallel,
+    failures in their places), use at most ``resize_threads`` threads at once, and leave the fingerprint alone."""
+    import threading
+
+    from curate.config import work_params
+    from curate.stages.download import Download, DownloadParams
+
+    busy, peak, lock = [0], [0], threading.Lock()
+    real = Download._image
+
+    def counted(self, body):
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        try:
+            time.sleep(0.02)  # long enough for the threads to overlap
+            return real(self, body)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(Download, "_image", counted)
+    urls = [f"{real_web.base}/photos/{n}.jpg" for n in "abcd"] * 3 + [f"{real_web.base}/missing.jpg",
+                                                                      f"{real_web.base}/s500"]
+    urls = [f"{u}?{i}" for i, u in enumerate(urls)]  # distinct urls, rows keyed by url
+    one, _ = _run(tmp_path / "one", urls, resize_threads=1)
+    assert peak[0] == 1
+    peak[0] = 0
+    three, _ = _run(tmp_path / "three", urls, resize_threads=3)
+    assert 1 < peak[0] <= 3
+    assert one.keys() == three.keys()
+    for u in urls:
+        a, b = one[u], three[u]
+        assert {k: a[k] for k in a if k != "source_file"} == {k: b[k] for k in b if k != "source_file"}, u
+    assert sum(r["reject_reason"] is None for r in one.values()) == 12
+    assert work_params(DownloadParams(resize_threads=3, thread_count=5)) == work_params(DownloadParams())

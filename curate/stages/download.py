@@ -5,10 +5,11 @@ request, ``max_bytes``, every address checked (no SSRF to loopback, private, lin
 metadata addresses unless ``allow_networks`` opens them), bounded redirects, at most
 ``max_per_host`` requests to one host, ``Retry-After`` and optional robots.txt.  img2dataset's
 own fetch cannot bound a request's time or bytes, so only its X-Robots-Tag rule
-(``is_disallowed``) and its ``Resizer`` are used, the latter exactly as img2dataset's
-downloader uses it: download threads fetch, the worker's main thread decodes and resizes one
-image at a time, with at most ``2 x thread_count`` fetched images waiting (img2dataset's
-bound).  Image dimensions are read from the header (Pillow, no decode) and images above
+(``is_disallowed``) and its ``Resizer`` are used, the latter as img2dataset's downloader uses
+it: download threads fetch, with at most ``2 x thread_count`` fetched images waiting
+(img2dataset's bound); where img2dataset decodes and resizes one image at a time in the
+worker's main thread, ``resize_threads`` (default: the CPUs the worker may use) do it here, so
+an in-process run uses every core while each decoded image stays bounded.  Image dimensions are read from the header (Pillow, no decode) and images above
 ``max_image_pixels`` are rejected before any decoding.
 """
 
@@ -20,14 +21,14 @@ import io
 import logging
 import os
 import warnings
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate import schema as S
 from curate.registry import register
-from curate.stage import MapStage, Resources, StageParams, threshold
+from curate.stage import MapStage, Resources, StageParams, threshold, worker_cpus
 from curate.table_ops import with_column
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ UA_BASE = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firef
 
 
 class DownloadParams(StageParams):
+    execution_params: ClassVar[tuple[str, ...]] = (*StageParams.execution_params, "thread_count", "resize_threads")
     stage: Literal["download"] = "download"
     image_size: int = Field(256, ge=1, description="target size (img2dataset semantics per resize_mode)")
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "keep_ratio"
@@ -67,6 +69,9 @@ class DownloadParams(StageParams):
                                   "SSL_CERT_FILE / SSL_CERT_DIR when set, else certifi's bundle)")
     retries: int = Field(0, ge=0, description="extra attempts after a transient error (within the deadline)")
     thread_count: int = Field(32, ge=1, description="download threads per worker")
+    resize_threads: int | None = Field(None, ge=1, description="images decoded and resized at once per worker "
+                                       "(OpenCV releases the GIL); default: the CPUs the worker may use "
+                                       "(its num_cpus in a Ray actor, the process's CPUs in-process)")
     user_agent_token: str | None = Field(None, description="token added to the User-Agent and matched in X-Robots-Tag")
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
@@ -264,22 +269,33 @@ class Download(MapStage):
         reasons: list[str | None] = [None] * n
         errtypes: list[str | None] = [None] * n
         details: list[str | None] = [None] * n
-        window = 2 * self.params.thread_count  # fetched images waiting for the resizer, as img2dataset bounds them
+        window = 2 * self.params.thread_count  # fetched images waiting for a resizer, as img2dataset bounds them
+        resizers = self.params.resize_threads or worker_cpus()
         with cf.ThreadPoolExecutor(max_workers=max(1, min(self.params.thread_count, n)),
-                                   thread_name_prefix="curate-download") as pool:
+                                   thread_name_prefix="curate-download") as pool, \
+                cf.ThreadPoolExecutor(max_workers=resizers, thread_name_prefix="curate-resize") as resize:
             todo = iter(range(n))
-            running: dict[cf.Future, int] = {}
+            fetching: dict[cf.Future, int] = {}
+            resizing: dict[cf.Future, tuple[int, Any]] = {}
             for i in (next(todo, None) for _ in range(window)):
                 if i is not None:
-                    running[pool.submit(self._fetch, urls[i])] = i
-            while running:
-                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                    fetching[pool.submit(self._fetch, urls[i])] = i
+            while fetching or resizing:  # a row holds its place in the window until it is resized
+                done, _ = cf.wait([*fetching, *resizing], return_when=cf.FIRST_COMPLETED)
                 for fut in done:
-                    i = running.pop(fut)
-                    self._row(i, fut.result(), cols, reasons, errtypes, details)
+                    if fut in fetching:
+                        i, resp = fetching.pop(fut), fut.result()
+                        if resp.ok:
+                            body, resp.body = resp.body, None
+                            resizing[resize.submit(self._image, body)] = (i, body)
+                            continue
+                        self._failed(i, resp, cols, reasons, errtypes, details)
+                    else:
+                        i, body = resizing.pop(fut)
+                        self._resized(i, fut.result(), cols, reasons, errtypes, details)
                     j = next(todo, None)
                     if j is not None:
-                        running[pool.submit(self._fetch, urls[j])] = j
+                        fetching[pool.submit(self._fetch, urls[j])] = j
         for c in self.produces:
             table = with_column(table, c, cols[c])
         mask = [r is not None for r in reasons]
@@ -287,14 +303,16 @@ class Download(MapStage):
             table = self.reject(table, mask, reasons, details, errtypes)
         return table
 
-    def _row(self, i: int, resp: Any, cols: dict[str, list], reasons: list, errtypes: list, details: list) -> None:
-        if not resp.ok:
-            cols[S.DOWNLOAD_STATUS][i] = "failed_to_download"
-            reasons[i], errtypes[i], details[i] = resp.reason, resp.error_type, resp.detail
-            cols[S.DOWNLOAD_ERROR][i] = resp.detail
-            return
-        body, resp.body = resp.body, None
-        got, why = self._image(body)
+    @staticmethod
+    def _failed(i: int, resp: Any, cols: dict[str, list], reasons: list, errtypes: list, details: list) -> None:
+        cols[S.DOWNLOAD_STATUS][i] = "failed_to_download"
+        reasons[i], errtypes[i], details[i] = resp.reason, resp.error_type, resp.detail
+        cols[S.DOWNLOAD_ERROR][i] = resp.detail
+
+    @staticmethod
+    def _resized(i: int, result: tuple[dict[str, Any] | None, tuple[str, str | None, str] | None],
+                 cols: dict[str, list], reasons: list, errtypes: list, details: list) -> None:
+        got, why = result
         if why is not None:
             cols[S.DOWNLOAD_STATUS][i] = "failed_to_resize"
             reasons[i], errtypes[i], details[i] = why
@@ -314,4 +332,5 @@ class Download(MapStage):
                 "timeout": p.timeout, "deadline": p.deadline, "max_bytes": p.max_bytes,
                 "max_image_pixels": p.max_image_pixels, "allow_networks": p.allow_networks,
                 "max_per_host": p.max_per_host, "respect_robots_txt": p.respect_robots_txt,
-                "ca_bundle": p.ca_bundle, "thread_count": p.thread_count}
+                "ca_bundle": p.ca_bundle, "thread_count": p.thread_count,
+                "resize_threads": p.resize_threads or worker_cpus()}
