@@ -1,5 +1,5 @@
 # make demo  -- set up .venv and run the offline demo
-# make test  -- set up .venv and run the whole test suite
+# make test  -- set up .venv, check the import layers (make lint-imports) and run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench clean wheel-check gpu-device-check
+.PHONY: venv demo test lint-imports bench clean wheel-check gpu-device-check
 
 venv: $(STAMP)
 
@@ -28,8 +28,12 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/curate demo demo-output
 
-test: venv
+test: venv lint-imports
 	$(PY) -m pytest -q tests
+
+# the import contracts of pyproject.toml ([tool.importlinter]): layers import downward only, no cycles
+lint-imports: venv
+	$(VENV)/bin/lint-imports --no-logo
 
 # the packaged install, as a user gets it: the bare wheel (no extra, so no FAISS) into a fresh
 # virtualenv, `curate demo` run from outside the checkout (CI runs this after the suite)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from curate import registry
+from curate.io.files import ROW_GROUP_BYTES, ROW_GROUP_ROWS
 from curate.stage import StageParams
 
 
@@ -53,6 +54,13 @@ class OutputConfig(_Strict):
     path: str
     overwrite: bool = Field(False, description="delete an existing output made with another config")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    row_group_rows: int = Field(ROW_GROUP_ROWS, ge=1, description="most rows in one Parquet row group of data/ "
+                                "and rejected/ (a reader of one row -- a thumbnail, a loader's first sample -- "
+                                "reads its whole row group)")
+    row_group_bytes: int = Field(ROW_GROUP_BYTES, ge=1, description="about the most bytes of rows (their size in "
+                                 "memory: image bytes, embeddings, text...) in one row group of data/ and "
+                                 "rejected/; whichever of row_group_rows and this is hit first ends a group, so "
+                                 "large images make more, smaller groups; a larger single row is a group alone")
     work_path: str | None = Field(None, description="folder for the intermediate work (shards between segments, "
                                   "done markers, global states); default OUTPUT/_work, or for an output on "
                                   "object storage a local folder named by its URI (~/.cache/curate/work/HASH). "

@@ -13,13 +13,26 @@ import pyarrow as pa
 log = logging.getLogger(__name__)
 
 
+def ray_map(fn: Callable[[Any], Any], items: list[Any], num_cpus: float = 1.0, num_gpus: float = 0.0) -> list[Any]:
+    """``[fn(x) for x in items]`` as Ray tasks (order kept; Ray already initialised).  Even a lone item
+    runs as a task: the driver only coordinates, so its memory does not grow with the corpus.  The Ray
+    runner's ``map``, and ``FitContext.map`` of a context made with ``runner="ray"``."""
+    import ray
+
+    if not items:
+        return []
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
+    return ray.get([remote.remote(x) for x in items])
+
+
 @dataclass
 class FitContext:
     #: parquet files holding every row (rejected ones too) that reaches the stage
     paths: list[str]
     #: a directory private to this stage where it may write its state (kept for resume)
     work_dir: Path
-    #: the runner that runs ``map`` (a ``Runner``), or its kind ("local" / "ray": Ray already initialised)
+    #: the runner that runs ``map`` (a ``Runner``: the runners pass themselves), or its kind for a context
+    #: made without one (notebooks, tests): "local" (in this process) / "ray" (Ray already initialised)
     runner: Any = "local"
     #: how many tasks the runner can run at once
     parallelism: int = 1
@@ -29,7 +42,7 @@ class FitContext:
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], num_cpus: float = 1.0,
             num_gpus: float = 0.0) -> list[Any]:
-        """``[fn(x) for x in items]``, as Ray tasks under the Ray runner (order kept).
+        """``[fn(x) for x in items]`` by the runner's ``map``: Ray tasks under the Ray runner (order kept).
 
         Under Ray even a lone item runs as a task: the driver only coordinates, so its memory does
         not grow with the corpus."""
@@ -38,8 +51,6 @@ class FitContext:
             return self.runner.map(fn, items, num_cpus=num_cpus, num_gpus=num_gpus)
         if self.runner != "ray":
             return [fn(x) for x in items]
-        from curate.runners.ray_runner import ray_map
-
         return ray_map(fn, items, num_cpus=num_cpus, num_gpus=num_gpus)
 
     @property

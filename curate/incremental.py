@@ -5,7 +5,8 @@ shards' done markers and the fit state of its head -- is identified by a fingerp
 
 * the *base*: the curate version, the ``input:`` section and the input manifest (what ingest made);
 * for every segment up to ``k``: its stages and their parameters (resources left out), the columns
-  it writes into the next segment's fit views and, for the last segment, the output settings.
+  it writes into the next segment's fit views and, for the last segment, the output settings that shape
+  the files of ``data/`` and ``rejected/`` (``compression``, ``row_group_rows``, ``row_group_bytes``).
 
 A run on an output made with another config keeps every segment whose fingerprint is unchanged and
 redoes the first changed one and every one after it: change the recaption prompt and only the last
@@ -22,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from curate import __version__
+from curate._version import __version__
 from curate.config import Config, work_params
 from curate.layout import Layout
 from curate.runners.common import Segment
@@ -54,6 +55,11 @@ def view_columns(segments: list[Segment], schema: pa.Schema, k: int) -> list[str
     return segments[k + 1].head.fit_columns(schema_before(schema, segments, k))
 
 
+#: the output settings of the last segment's fingerprint: how data/ and rejected/ are written (their rows do not
+#: change, their files do, and only that segment writes them)
+OUTPUT_KEYS = ("compression", "row_group_rows", "row_group_bytes")
+
+
 def segment_records(config: Config, base: str, segments: list[Segment], schema: pa.Schema) -> list[dict[str, Any]]:
     """One record per segment: its stages (id -> parameter digest) and its chained fingerprint."""
     out: list[dict[str, Any]] = []
@@ -61,10 +67,10 @@ def segment_records(config: Config, base: str, segments: list[Segment], schema: 
     for seg in segments:
         final = seg.index == len(segments) - 1
         stages = [[st.id, st.name, _digest(work_params(st.params))] for st in seg.stages]
-        part = {"stages": stages, "views": view_columns(segments, schema, seg.index),
-                "output": {"compression": config.output.compression} if final else None}
+        output = {key: getattr(config.output, key) for key in OUTPUT_KEYS} if final else None
+        part = {"stages": stages, "views": view_columns(segments, schema, seg.index), "output": output}
         h = _digest({"previous": h, "segment": part})
-        out.append({"index": seg.index, "fingerprint": h, "stages": stages, "final": final})
+        out.append({"index": seg.index, "fingerprint": h, "stages": stages, "final": final, "output": output})
     return out
 
 
@@ -89,6 +95,9 @@ def why_changed(prev: list[dict[str, Any]], new: list[dict[str, Any]], k: int) -
     changed = [s for s in now if old[s] != now[s]]
     if changed:
         return f"parameters of {', '.join(changed)} changed"
+    if "output" in prev[k] and prev[k]["output"] != new[k].get("output"):  # run.json of older runs has none
+        was, now_ = prev[k]["output"] or {}, new[k].get("output") or {}
+        return f"output settings changed ({', '.join(key for key in OUTPUT_KEYS if was.get(key) != now_.get(key))})"
     return "what it hands to the next segment changed"
 
 

@@ -29,7 +29,7 @@ from curate.io.files import InputError, list_input_files, write_bytes_atomic, wr
 from curate.io.manifest import build_manifest, describe_changes, read_manifest
 from curate.layout import Layout
 from curate.runners import make_runner
-from curate.runners.base import Runner
+from curate.runners.base import Runner, restore_state
 from curate.runners.common import Segment, SegmentJob, split_segments
 from curate.stage import Stage
 from curate.stats import build_stats
@@ -166,7 +166,8 @@ def _plan_segments(config: Config, layout: Layout, prev: dict[str, Any] | None, 
         rec["reused"] = prev is not None and rec["index"] < k
     # the work is consistent with the new records only now: record them last
     write_json_atomic({**run, "work_hash": config.work_hash(), "segments": [
-        {key: r[key] for key in ("index", "fingerprint", "stages", "final")} for r in records]}, layout.run_file)
+        {key: r[key] for key in ("index", "fingerprint", "stages", "final", "output")} for r in records]},
+        layout.run_file)
     return records
 
 
@@ -227,6 +228,9 @@ def execute(config: Config) -> RunResult:
         plan = _plan_segments(config, layout, prev, manifest, segments, schema)
         _run_segments(config, runner, layout, segments, shards, schema, stage_ids, run_id)
     n_seg = len(segments)
+    for st in stages:
+        if st.needs_fit and st.state is None:
+            restore_state(st, layout)  # its segment was done before this run: stats.json describes its state
     stats = build_stats(layout, stage_ids, stages, config, final_segment=n_seg - 1,
                         wall_seconds=time.time() - t_start)
     write_json_atomic(stats, layout.stats)
@@ -251,7 +255,8 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
     for seg in segments:
         final = seg.index == len(segments) - 1
         job = SegmentJob(seg, {}, {}, final, layout, schema, stage_ids, config.output.compression,
-                         view_columns(segments, schema, seg.index))
+                         view_columns(segments, schema, seg.index), config.output.row_group_rows,
+                         config.output.row_group_bytes)
         pending = [sh for sh in base if not job.done_marker(sh).exists()]
         if not pending:
             continue

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from curate import schema as S
 from curate.io.files import InputError
+from curate.io.sql import sql_string
 from curate.layout import Layout
 from curate.stats import funnel, run_summary
 
@@ -42,13 +43,6 @@ def parquet_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
-
-
-def sql_string(value: str) -> str:
-    """A SQL string literal: the one place curate quotes a value into SQL.  Only for SQL that cannot
-    take bound parameters (``CREATE VIEW``, sub-queries composed into a larger query); a query run
-    directly binds its values (``con.execute(sql, params)``)."""
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _source(directory: Path, files: list[Path]) -> str:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema as S
+from curate.io.views import read_view
 
 _SIGN = np.uint32(0x80000000)
 _LOW = np.uint32(0xFFFF)
@@ -49,8 +50,6 @@ def active_values(table: pa.Table, column: str) -> np.ndarray:
 
 def _bucket_counts(args: tuple[list[str], str, int | None]) -> dict[int, int]:
     """Counts of high 16-bit key buckets, or with ``high`` given, of low 16 bits inside that bucket."""
-    from curate.runners.flow import read_view
-
     paths, column, high = args
     counts: dict[int, int] = {}
     for path in paths:  # one shard's fit view (or file) at a time

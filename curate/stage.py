@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,10 +31,8 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from curate import schema as S
+from curate.context import FitContext
 from curate.table_ops import add_missing, mark_rejected, prepare_for_stages
-
-if TYPE_CHECKING:  # pragma: no cover
-    from curate.context import FitContext
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +304,7 @@ class GlobalStage(Stage):
     def needs_fit(self) -> bool:
         return True
 
-    def fit(self, ctx: "FitContext") -> Any:
+    def fit(self, ctx: FitContext) -> Any:
         """Compute the global state (bounded memory; may use ``ctx.map`` for parallelism)."""
         raise NotImplementedError
 
@@ -328,8 +326,6 @@ class GlobalStage(Stage):
         """Notebook entry point: fit on this table alone, then apply."""
         if not self.needs_fit:
             return super().__call__(table)
-        from curate.context import FitContext
-
         t0 = time.perf_counter()
         table = prepare_for_stages(table)
         ctx = FitContext.from_table(table)

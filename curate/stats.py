@@ -74,7 +74,10 @@ def _sum_seconds(layout: Layout) -> dict[str, float]:
 
 def build_stats(layout: Layout, stage_ids: list[str], stages: list, config: Any, final_segment: int,
                 wall_seconds: float) -> dict[str, Any]:
-    """stats.json of a finished run: the shards' counts (their final done markers) added up."""
+    """stats.json of a finished run: the shards' counts (their final done markers) added up.
+
+    ``stages``: the run's stages, each global one with its fitted state set (its ``describe`` and
+    ``thresholds`` read it; the caller restores the state of a segment an earlier run did)."""
     rejected: dict[str, Counter] = defaultdict(Counter)
     errors: dict[str, Counter] = defaultdict(Counter)
     rows = shards = 0
@@ -92,10 +95,6 @@ def build_stats(layout: Layout, stage_ids: list[str], stages: list, config: Any,
         st = described.get(sid)
         if st is None:
             return {"seconds": seconds.get(sid, 0.0)}
-        if st.needs_fit and st.state is None:
-            from curate.runners.base import restore_state
-
-            restore_state(st, layout)  # its segment was done before this run
         return {"stage": st.name, "seconds": seconds.get(sid, 0.0), "info": st.describe(),
                 "thresholds": st.thresholds()}
 

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import schema as S
-from curate.io.files import InputError, write_json_atomic, write_parquet_atomic
+from curate.io.files import ROW_GROUP_BYTES, ROW_GROUP_ROWS, InputError, write_json_atomic, write_parquet_atomic
 from curate.layout import Layout
 from curate.query import parquet_files
 from curate.stats import stage_line
@@ -58,11 +58,14 @@ def _mark(table: pa.Table, reason: str, stage_id: str, detail: str) -> pa.Table:
 
 def refilter(output_dir: str | Path, dest: str | Path, where: str, reason: str = "refiltered",
              stage_id: str = "refilter", overwrite: bool = False, compression: str = "zstd",
-             readonly_sql: bool = False) -> dict[str, Any]:
+             readonly_sql: bool = False, row_group_rows: int = ROW_GROUP_ROWS,
+             row_group_bytes: int = ROW_GROUP_BYTES) -> dict[str, Any]:
     """Write the subset of ``output_dir``'s kept rows satisfying ``where`` as a new output at ``dest``.
 
     ``readonly_sql``: evaluate ``where`` in a DuckDB connection that can read nothing but the source's
-    ``data/`` (curate.sql_guard; for conditions from someone else, e.g. ``curate serve``)."""
+    ``data/`` (curate.sql_guard; for conditions from someone else, e.g. ``curate serve``).
+    ``row_group_rows`` / ``row_group_bytes``: the row groups of the files written, as ``output.row_group_*``
+    bound a run's (a source's ``rejected/`` file with no kept row is copied as it is)."""
     import duckdb
 
     src = Layout(Path(output_dir).expanduser().resolve())
@@ -94,12 +97,12 @@ def refilter(output_dir: str | Path, dest: str | Path, where: str, reason: str =
             kept_in += table.num_rows
             keep = table.filter(mask)
             kept_out += keep.num_rows
-            write_parquet_atomic(keep, dst.data / f.name, compression)
+            write_parquet_atomic(keep, dst.data / f.name, compression, row_group_rows, row_group_bytes)
             dropped = _mark(table.filter(pc.invert(mask)), reason, stage_id, detail)
             old = src.rejected / f.name
             if old.exists():
                 dropped = pa.concat_tables([pq.read_table(old), dropped], promote_options="permissive")
-            write_parquet_atomic(dropped, dst.rejected / f.name, compression)
+            write_parquet_atomic(dropped, dst.rejected / f.name, compression, row_group_rows, row_group_bytes)
         for f in parquet_files(src.rejected):  # shards whose rows were all rejected before
             if not (dst.rejected / f.name).exists():
                 shutil.copyfile(f, dst.rejected / f.name)

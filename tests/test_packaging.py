@@ -2,10 +2,13 @@
 
 The full check (a fresh virtualenv, ``pip install dist/curate-*.whl[cpu]``, ``curate demo``) is
 ``make wheel-check``, run by CI after the suite; this test builds the wheel and imports from it.
+The import contracts (pyproject.toml's ``[tool.importlinter]``: layers import downward only, no cycles)
+are checked here too, as by ``make lint-imports``.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -82,3 +85,14 @@ def test_without_faiss_the_kmeans_path_names_the_install_line(monkeypatch):
     with pytest.raises(ConfigError, match="FAISS is not installed"):
         vectors.import_faiss()
     assert curate.create_stage("dedup_semantic").params.method == "auto"
+
+
+def test_imports_follow_the_layer_contracts():
+    """``lint-imports`` keeps every contract: an import that climbs a layer (a function-level one too) or
+    closes a cycle fails here, naming the import chain."""
+    exe = Path(sys.executable).with_name("lint-imports")
+    exe = str(exe) if exe.exists() else shutil.which("lint-imports")
+    assert exe, "lint-imports not found: pip install -e '.[dev]' (import-linter)"
+    r = subprocess.run([exe, "--no-cache", "--no-logo"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    assert "0 broken" in r.stdout, r.stdout[-6000:]

@@ -10,6 +10,7 @@ fails a test that tries to reach anything outside 127.0.0.0/8.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -210,11 +211,15 @@ def test_resize_threads_change_only_the_speed(real_web, tmp_path, monkeypatch):
     urls = [f"{real_web.base}/photos/{n}.jpg" for n in "abcd"] * 3 + [f"{real_web.base}/missing.jpg",
                                                                       f"{real_web.base}/s500"]
     urls = [f"{u}?{i}" for i, u in enumerate(urls)]  # distinct urls, rows keyed by url
+    fds = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)}
     one, _ = _run(tmp_path / "one", urls, resize_threads=1)
     assert peak[0] == 1
     peak[0] = 0
     three, _ = _run(tmp_path / "three", urls, resize_threads=3)
     assert 1 < peak[0] <= 3
+    # img2dataset's Resizer points fds 1 and 2 at /dev/null around each image: racy across threads (stdout
+    # was left on /dev/null); curate's copy of the resizer leaves them alone
+    assert {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in (1, 2)} == fds
     assert one.keys() == three.keys()
     for u in urls:
         a, b = one[u], three[u]

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from curate import schema as S
+from curate.io.views import view_schema
 from curate.stage import GlobalStage, Resources, StageError, StageParams
 from curate.table_ops import with_column
 
@@ -96,8 +97,6 @@ def check_columns(stage: GlobalStage, ctx: Any, needed: tuple[str, ...], keep: s
     """Fail early (naming the stage and column) when fit's input lacks a column it needs."""
     if not ctx.paths:
         return pa.schema([])
-    from curate.runners.flow import view_schema
-
     schema = view_schema(ctx.paths[0])
     needed = needed + (keep_columns(keep, schema.names) if keep else ())
     missing = [c for c in needed if c not in schema.names]
@@ -117,7 +116,7 @@ class DecisionStage(GlobalStage):
     """A global stage whose ``fit`` writes decision files (``store.compact_decisions``, its state's
     ``decisions``, with ``removed`` rows) and whose ``process`` looks the batch's rows up in them."""
 
-    default_resources = Resources(num_cpus=0.5, batch_size=65536, stateful=True)
+    default_resources = Resources(num_cpus=0.5, batch_size=65536)
 
     def setup(self) -> None:
         from curate.dedup.store import DecisionReader

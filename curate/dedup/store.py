@@ -31,6 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import schema as S
+from curate.io.sql import arrow, sql_list
+from curate.io.views import view_refs, view_sql
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +62,9 @@ def duckdb_connect(work_dir: str | Path):
     return con
 
 
-def arrow(rel: Any) -> pa.Table:
-    t = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
-    return t.read_all() if isinstance(t, pa.RecordBatchReader) else t
-
-
-def sql_list(paths: list[str]) -> str:
-    """A DuckDB list literal of paths, for SQL composed into views and larger queries (which cannot
-    take bound parameters); a query run directly binds its paths instead."""
-    from curate.query import sql_string
-
-    return "[" + ", ".join(sql_string(str(p)) for p in paths) + "]"
-
-
 def read_sql(paths: list[str]) -> str:
     """A DuckDB FROM-clause over fit inputs: plain Parquet files, or a runner's fit views (each resolved
-    by :func:`curate.runners.flow.view_sql`: columns joined by position from where they were made)."""
-    from curate.runners.flow import view_refs, view_sql
-
+    by :func:`curate.io.views.view_sql`: columns joined by position from where they were made)."""
     if not paths or not view_refs(paths[0]):  # fit inputs are all views or all plain files
         return f"read_parquet({sql_list(paths)}, union_by_name = true)"
     return "(" + " UNION ALL BY NAME ".join(f"SELECT * FROM {view_sql(p)}" for p in paths) + ")"

@@ -11,7 +11,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
@@ -148,9 +150,80 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if not vector(f.type)]
 
 
-def write_parquet_atomic(table: pa.Table, path: Any, compression: str = "zstd") -> None:
-    _atomic(path, lambda f: pq.write_table(table, f, compression=None if compression == "none" else compression,
-                                           use_dictionary=_dictionary_columns(table.schema)))
+#: defaults of ``output.row_group_rows`` / ``output.row_group_bytes``: the row groups of ``data/`` and ``rejected/``
+ROW_GROUP_ROWS = 1_000
+ROW_GROUP_BYTES = 64 << 20
+
+
+def _value_bytes(t: pa.DataType) -> float | None:
+    """Bytes a value of a fixed-width type takes in memory (a bool: 1/8); None for other types."""
+    try:
+        return t.bit_width / 8
+    except ValueError:
+        return None
+
+
+def row_sizes(table: pa.Table) -> np.ndarray:
+    """Each row's bytes in memory (float64): the actual lengths of its strings, binaries (images) and lists
+    of fixed-width values (embeddings), the fixed widths of other scalars; any other column (structs,
+    lists of strings...) spread evenly over its rows."""
+    n = table.num_rows
+    out = np.zeros(n, np.float64)
+    if not n:
+        return out
+    for col in table.columns:
+        t = col.type
+        if pa.types.is_binary(t) or pa.types.is_string(t) or pa.types.is_large_binary(t) \
+                or pa.types.is_large_string(t) or pa.types.is_binary_view(t) or pa.types.is_string_view(t):
+            out += pc.fill_null(pc.binary_length(col), 0).to_numpy().astype(np.float64)
+            out += 8 if pa.types.is_large_binary(t) or pa.types.is_large_string(t) else 4
+        elif (pa.types.is_list(t) or pa.types.is_large_list(t)) and _value_bytes(t.value_type) is not None:
+            lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.float64)
+            out += lengths * _value_bytes(t.value_type) + (8 if pa.types.is_large_list(t) else 4)
+        elif _value_bytes(t) is not None:
+            out += _value_bytes(t)
+        else:
+            out += col.nbytes / n
+    return out
+
+
+def row_group_cuts(table: pa.Table, max_rows: int, max_bytes: int) -> list[int]:
+    """Where the row groups of ``table`` start (and, last, its row count): each group has at most ``max_rows``
+    rows and at most ``max_bytes`` bytes of rows (:func:`row_sizes`), whichever is hit first; a row larger
+    than ``max_bytes`` is a group alone.  An empty table: ``[0]``."""
+    n = table.num_rows
+    if n == 0:
+        return [0]
+    cum = np.concatenate(([0.0], np.cumsum(row_sizes(table))))
+    cuts, start = [0], 0
+    while start < n:
+        by_bytes = int(np.searchsorted(cum, cum[start] + max_bytes, side="right")) - 1
+        start = max(start + 1, min(start + max_rows, n, by_bytes))
+        cuts.append(start)
+    return cuts
+
+
+def write_parquet_atomic(table: pa.Table, path: Any, compression: str = "zstd", row_group_rows: int | None = None,
+                         row_group_bytes: int | None = None) -> None:
+    """Write ``table`` as one Parquet file (:func:`_atomic`).  ``row_group_rows`` / ``row_group_bytes`` bound
+    its row groups (:func:`row_group_cuts`; the deliverables ``data/`` and ``rejected/``); without them the
+    whole table is one row group (up to Arrow's default of 1Mi rows).  The table is never copied: each row
+    group is written from a zero-copy slice."""
+    options = {"compression": None if compression == "none" else compression,
+               "use_dictionary": _dictionary_columns(table.schema)}
+    if row_group_rows is None and row_group_bytes is None:
+        _atomic(path, lambda f: pq.write_table(table, f, **options))
+        return
+    cuts = row_group_cuts(table, row_group_rows or max(table.num_rows, 1), row_group_bytes or float("inf"))
+
+    def write(f: Any) -> None:
+        with pq.ParquetWriter(f, table.schema, **options) as writer:
+            if table.num_rows == 0:  # one empty row group, as pq.write_table writes
+                writer.write_table(table)
+            for lo, hi in zip(cuts, cuts[1:]):
+                writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+
+    _atomic(path, write)
 
 
 def write_bytes_atomic(data: bytes, path: Any) -> None:

@@ -6,8 +6,8 @@ import time
 from html import escape
 from typing import Any
 
-from curate import __version__
 from curate import schema as S
+from curate._version import __version__
 from curate.report.charts import bars_svg, fmt, funnel_svg, histogram_svg, legend_html
 from curate.report.data import ReportData
 from curate.report.style import CSS

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema as S
-from curate.io.files import write_json_atomic, write_parquet_atomic
+from curate.io.files import ROW_GROUP_BYTES, ROW_GROUP_ROWS, write_json_atomic, write_parquet_atomic
 from curate.layout import Layout
 from curate.runners.flow import POS, ShardRows, live, read_group, view_sources, write_group, write_view
 from curate.stage import GlobalStage, Stage, annotate_rejected
@@ -66,6 +66,8 @@ class SegmentJob:
     stage_ids: list[str]  # every stage id of the pipeline, in order (for stats)
     compression: str = "zstd"
     view_columns: list[str] | None = None  # columns of the next segment's fit view (None: no view)
+    row_group_rows: int = ROW_GROUP_ROWS  # bounds of the row groups of data/ and rejected/ (output.row_group_*)
+    row_group_bytes: int = ROW_GROUP_BYTES
 
     def done_marker(self, shard: str) -> Path:
         return self.layout.done(f"seg-{self.segment.index}") / f"{shard}.json"
@@ -79,7 +81,7 @@ class SegmentJob:
         seg = Segment(self.segment.index, None, [st for st in self.segment.stages if self.final and
                                                  st.applies_to == "all"])
         return SegmentJob(seg, {}, {}, self.final, self.layout, self.schema, self.stage_ids, self.compression,
-                          self.view_columns)
+                          self.view_columns, self.row_group_rows, self.row_group_bytes)
 
 
 def run_stage_local(stage: Stage, table: pa.Table, timing: dict[str, float]) -> pa.Table:
@@ -163,8 +165,9 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
         gone = [S.conform(_annotate(job, t), job.schema) for t in rows.rejected_before(k)]
         gone.append(S.conform(out.filter(pc.is_valid(out[S.REJECT_REASON])), job.schema))
         rejected = sort_shard(pa.concat_tables(gone))
-        write_parquet_atomic(kept, job.layout.data / f"{shard}.parquet", job.compression)
-        write_parquet_atomic(rejected, job.layout.rejected / f"{shard}.parquet", job.compression)
+        bounds = {"row_group_rows": job.row_group_rows, "row_group_bytes": job.row_group_bytes}
+        write_parquet_atomic(kept, job.layout.data / f"{shard}.parquet", job.compression, **bounds)
+        write_parquet_atomic(rejected, job.layout.rejected / f"{shard}.parquet", job.compression, **bounds)
         info.update(rows=out.num_rows, live=kept.num_rows,
                     stats=shard_stats(pa.concat_tables([kept, rejected]), job.stage_ids))
     write_json_atomic(info, job.done_marker(shard))

@@ -1,6 +1,9 @@
-"""The Ray Data runner: the same stage code, scheduled as a streaming Ray Data pipeline.
+"""The Ray runner: the same stage code, scheduled as Ray tasks or as a streaming Ray Data pipeline.
 
-Each map stage becomes a ``map_batches`` over pyarrow batches: stages that load models
+A segment whose stages all run as tasks (filters, hashes, dedup lookups: no model) runs as one Ray
+task per shard doing all of it -- read, stages, write, done marker -- at most one per CPU, like the
+local runner's loop spread over the cluster.  A segment with a model stage streams through Ray Data:
+each map stage becomes a ``map_batches`` over pyarrow batches: stages that load models
 (``Resources.stateful``) run in an actor pool (GPUs per actor from the config), the others as
 tasks.  The first operator reads the rows entering the segment per shard (live rows only, see
 :mod:`curate.runners.flow`); the last writes each batch's column-group part per shard and
@@ -29,9 +32,11 @@ import pyarrow.compute as pc
 
 from curate import schema as S
 from curate.config import RunnerConfig
+from curate.context import ray_map
 from curate.layout import Layout
+from curate.progress import progress
 from curate.runners.base import Runner
-from curate.runners.common import SegmentJob, finish_shard
+from curate.runners.common import Segment, SegmentJob, finish_shard, run_stage_local
 from curate.runners.flow import ShardRows, remove_group, write_group
 from curate.stage import Stage
 
@@ -88,12 +93,7 @@ def _stage_task(batch: pa.Table, params: dict, state: list | None, key: str, ind
     ``state`` is ``[ObjectRef]`` (nested, so Ray does not fetch it for every batch): it is read
     only when this worker builds the stage.
     """
-    if _STAGES.get("key") != key:
-        for i, old in list(_STAGES.items()):
-            if i != "key":
-                old.ensure_teardown()
-        _STAGES.clear()
-        _STAGES["key"] = key
+    _switch(key)
     stage = _STAGES.get(index)
     if stage is None:
         value = None
@@ -103,6 +103,47 @@ def _stage_task(batch: pa.Table, params: dict, state: list | None, key: str, ind
             value = ray.get(state[0])
         stage = _STAGES[index] = _build_stage(params, value)
     return _timed(stage, index, batch)
+
+
+def _switch(key: str) -> None:
+    """Tear down this worker's stages of an earlier segment run when one of run ``key`` arrives."""
+    if _STAGES.get("key") != key:
+        for i, old in list(_STAGES.items()):
+            if i == "all":
+                for st in old:
+                    st.ensure_teardown()
+            elif i != "key":
+                old.ensure_teardown()
+        _STAGES.clear()
+        _STAGES["key"] = key
+
+
+def _segment_stages(params: list[dict], state: list | None, key: str) -> list[Stage]:
+    """This worker's set-up stages of segment run ``key``, built once per worker.  ``state``: ``[ObjectRef]``
+    of the head's fitted state, read only when building."""
+    _switch(key)
+    if "all" not in _STAGES:
+        import ray
+
+        value = ray.get(state[0]) if state else None
+        _STAGES["all"] = [_build_stage(p, value if i == 0 else None) for i, p in enumerate(params)]
+    return _STAGES["all"]
+
+
+def _shard_task(job: SegmentJob, params: list[dict], state: list | None, key: str, shard: str, base: str,
+                expected: int) -> tuple[str, int]:
+    """A whole segment on one shard, in one task: read the rows entering it, run every stage, write and
+    finish the shard -- the local runner's loop body, for segments whose stages all run as tasks."""
+    stages = _segment_stages(params, state, key)
+    job.segment = Segment(job.segment.index, None, stages)  # the set-up objects (finish_shard annotates with them)
+    job.inputs, job.expected_rows = {shard: base}, {shard: expected}
+    rows = job.rows(shard)
+    table = rows.entering(job.segment.index)
+    timing: dict[str, float] = {}
+    for st in stages:
+        table = run_stage_local(st, table, timing)
+    finish_shard(job, shard, table, timing, rows)
+    return shard, table.num_rows
 
 
 def _read_entering(batch: pa.Table, layout: Layout, k: int) -> pa.Table:
@@ -148,17 +189,6 @@ def _finish(job: SegmentJob, shard: str, inputs: dict[str, str], expected: dict[
         return finish_shard(job, shard, None, seconds)
     rows = job.rows(shard)  # no row entered this segment: nothing ran, the (empty) entering table is its output
     return finish_shard(job, shard, rows.entering(job.segment.index), seconds, rows)
-
-
-def ray_map(fn: Callable[[Any], Any], items: list[Any], num_cpus: float = 1.0, num_gpus: float = 0.0) -> list[Any]:
-    """``[fn(x) for x in items]`` as Ray tasks (order kept).  Even a lone item runs as a task: the
-    driver only coordinates, so its memory does not grow with the corpus."""
-    import ray
-
-    if not items:
-        return []
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
-    return ray.get([remote.remote(x) for x in items])
 
 
 class RayRunner(Runner):
@@ -257,9 +287,52 @@ class RayRunner(Runner):
             common["compute"] = ray.data.TaskPoolStrategy(size=tasks)
         return ds.map_batches(_stage_task, fn_args=(params, state, key, index), **common)
 
+    def _run_by_shard(self, job: SegmentJob) -> None:
+        """A segment without actor-pool stages: one task per shard runs all of it (read, stages, write,
+        done marker), at most one task per CPU at a time.
+
+        Streamed through Ray Data instead, such a segment costs a read task, a stage task, a write task
+        and a finish task per shard, their blocks copied through the object store, and a worker process
+        for each of them running at once (each one imports Ray, pyarrow and curate): on 2 CPUs the light
+        pipeline of bench/scale.py spent four times the local runner's CPU seconds that way.  Task
+        workers are reused across segments, and the fitted state of the head is fetched once per worker.
+        """
+        import ray
+
+        stages = job.segment.stages
+        head = job.segment.head
+        params = [st.params.model_dump(mode="json") for st in stages]
+        state = [ray.put(head.state)] if head is not None else None
+        res = [st.resources for st in stages]
+        cpus = max([1.0] + [r.num_cpus for r in res])
+        gpus = max([0.0] + [r.num_gpus for r in res]) if self.gpus > 0 else 0.0
+        task = ray.remote(num_cpus=min(cpus, self.cpus), num_gpus=gpus, max_retries=3)(_shard_task)
+        light = ray.put(job.light())
+        key = uuid.uuid4().hex
+        todo = iter(sorted(job.inputs))
+        window = 2 * max(1, int(self.cpus // min(cpus, self.cpus)))  # queued behind the running ones
+        running: list[Any] = []
+        names = " → ".join(st.id for st in stages) or "write"
+        with progress(f"segment {job.segment.index}: {names}", total=len(job.inputs), unit="shard") as bar:
+            while True:
+                while len(running) < window and (shard := next(todo, None)) is not None:
+                    running.append(task.remote(light, params, state, key, shard, job.inputs[shard],
+                                               job.expected_rows.get(shard, 0)))
+                if not running:
+                    break
+                done, running = ray.wait(running, num_returns=1)
+                ray.get(done)
+                bar.advance(1)
+
     def run_segment(self, job: SegmentJob) -> dict[str, float]:
         import ray
 
+        if not any(st.resources.stateful for st in job.segment.stages):
+            self._run_by_shard(job)
+            missing = [s for s in job.inputs if not job.done_marker(s).exists()]
+            if missing:
+                raise RuntimeError(f"segment {job.segment.index}: shards {missing[:5]} were not finished")
+            return {}
         k = job.segment.index
         stages = job.segment.stages
         todo = sorted(s for s in job.inputs if job.expected_rows.get(s, 0) > 0)

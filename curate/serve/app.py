@@ -224,7 +224,7 @@ def create_app(output: str | Path, subsets_dir: str | Path | None = None, allowe
 
     @app.post("/subset", response_class=HTMLResponse)
     async def subset(request: Request):
-        from curate.query import sql_string
+        from curate.io.sql import sql_string
 
         form = await request.form(max_files=0, max_fields=2000, max_part_size=1 << 20)
         kind, name = str(form.get("kind") or "output"), str(form.get("name") or "")

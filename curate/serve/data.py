@@ -20,8 +20,9 @@ from typing import Any
 
 from curate import schema as S
 from curate.io.files import InputError
+from curate.io.sql import sql_string
 from curate.layout import Layout
-from curate.query import parquet_files, sql_string
+from curate.query import parquet_files
 from curate.row_reader import RowReader
 
 log = logging.getLogger(__name__)

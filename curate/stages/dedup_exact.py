@@ -32,6 +32,7 @@ from pydantic import Field
 from curate import schema as S
 from curate.dedup import store
 from curate.dedup.base import DedupParams, DedupStage, check_columns, metric_sql, order_sql
+from curate.io.sql import arrow
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def detail_label(fields: list[str]) -> str:
 def _reduce(args: tuple[str, str, str, str, int, str]) -> int:
     source, parts_dir, name, work, buckets, label = args
     con = store.duckdb_connect(work)
-    t = store.arrow(con.sql(f"""
+    t = arrow(con.sql(f"""
         SELECT {S.SHARD}, {S.UID}, first_value({S.UID}) OVER w AS {S.DUPLICATE_OF},
                row_number() OVER w AS _rn
         FROM {source}

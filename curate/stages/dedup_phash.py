@@ -61,6 +61,7 @@ from curate import schema as S
 from curate.dedup import components, mih, store
 from curate.dedup.base import METRIC, DedupParams, DedupStage, check_columns, metric_sql, order_sql, rank
 from curate.dedup.greedy import keep_one
+from curate.io.sql import arrow
 from curate.registry import register
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def _values(args: tuple[str, str, int, str]) -> tuple[str, int, int]:
     """Partition of rows by hash -> one row per distinct hash (the best) + the other rows."""
     source, out_dir, p, work = args
     con = store.duckdb_connect(work)
-    t = store.arrow(con.sql(f"""
+    t = arrow(con.sql(f"""
         SELECT _k AS {S.PHASH}, {S.UID}, {S.SHARD}, {METRIC},
                row_number() OVER (PARTITION BY _k ORDER BY {order_sql()}) AS _rn
         FROM {source}"""))

@@ -105,6 +105,8 @@ from curate.dedup import store, vectors
 from curate.dedup.base import (METRIC, DedupParams, DedupStage, check_columns, keep_columns, metric_array,
                                rank)
 from curate.dedup.greedy import keep_one, semdedup
+from curate.io.sql import arrow
+from curate.io.views import POS, view_refs, view_schema, view_sql
 from curate.registry import register
 from curate.stage import StageError
 
@@ -163,8 +165,6 @@ def _read_active(path: str, columns: list[str], emb: str) -> tuple[pa.Table, np.
     than pyarrow) and their raw embeddings, in the file's own float type."""
     import duckdb
 
-    from curate.runners.flow import POS, view_refs, view_schema, view_sql
-
     schema = view_schema(path)
     names = [c for c in columns if c in schema.names and c != emb]
     con = duckdb.connect()
@@ -179,7 +179,7 @@ def _read_active(path: str, columns: list[str], emb: str) -> tuple[pa.Table, np.
         src = f"read_parquet($path{', file_row_number = true' if position else ''})"
         rel = con.sql(f"SELECT {cols}{', file_row_number' if position else ''} FROM {src} {where}",
                       params={"path": str(path)})
-    t = store.arrow(rel)
+    t = arrow(rel)
     con.close()
     if position:
         t = t.append_column(S.SOURCE_ROW, pc.cast(t["file_row_number"], pa.int64())).drop_columns(["file_row_number"])
@@ -208,15 +208,13 @@ def _in_sample(uids: pa.ChunkedArray, cut: int) -> pa.Array:
 
     con = duckdb.connect()  # default settings: keeps the row order
     con.register("_u", pa.table({"u": uids}))
-    mask = store.arrow(con.sql(f"SELECT hash(u) % {_SAMPLE_MOD} < {cut} AS m FROM _u"))["m"]
+    mask = arrow(con.sql(f"SELECT hash(u) % {_SAMPLE_MOD} < {cut} AS m FROM _u"))["m"]
     con.close()
     return mask.combine_chunks()
 
 
 def _scan_file(args: tuple) -> tuple[int, str | None, str | None]:
     """One input file -> its active rows in compact form (+ the k-means sample rows)."""
-    from curate.runners.flow import view_schema
-
     path, emb, keep, cut, rows_out, sample_out = args
     cols = [S.UID, S.SHARD, S.SOURCE_ROW, emb, *keep_columns(keep, view_schema(path).names)]
     t, x = _read_active(path, cols, emb)

@@ -138,27 +138,55 @@ class _Headers:
         return self.h.getlist(name) or default
 
 
+class _Unsuppressed:
+    """Stands in for img2dataset's ``SuppressStdoutStderr`` in curate's copy of its resizer module.
+
+    That context manager points the process's file descriptors 1 and 2 at /dev/null around every
+    image (``os.dup2``) and back afterwards.  File descriptors are shared by all threads, so with
+    several resize threads the saves and restores interleave and stdout/stderr can stay on /dev/null
+    for the rest of the process (the run's summary and every later log line lost), and any thread
+    logging during a resize is silenced too.  curate's resizing therefore leaves them alone: a
+    warning a C decoder prints about a corrupt image reaches stderr."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def _img2dataset_parts() -> tuple[Any, Any]:
     """img2dataset's ``Resizer`` and ``is_disallowed`` without running its package ``__init__``.
 
     ``import img2dataset.resizer`` first imports the package, whose ``__init__`` loads the whole CLI
     (its webdataset writer imports torch): ~4.5 s and ~800 MB in every download worker, against
     ~1.0 s for the two modules used here (albumentations; the downloader's stats logger, which would
-    import wandb, is replaced by a stand-in).  The modules are loaded under a bare parent package, then
-    everything is taken out of ``sys.modules`` again, so a later ``import img2dataset`` in the same
-    process gets the real package and its real logger.
+    import wandb, is replaced by a stand-in).  The resizer is loaded from its file as a private module
+    (``_curate_img2dataset_resizer``, see :class:`_Unsuppressed`); the downloader is loaded under a
+    bare parent package, then everything is taken out of ``sys.modules`` again, so a later
+    ``import img2dataset`` in the same process gets the real package and its real logger.
     """
     import importlib
     import importlib.util
     import sys
     import types
 
-    if "img2dataset" in sys.modules:  # the real package is already loaded: nothing to save
-        return (importlib.import_module("img2dataset.resizer").Resizer,
-                importlib.import_module("img2dataset.downloader").is_disallowed)
     spec = importlib.util.find_spec("img2dataset")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("img2dataset is not installed")
+    name = "_curate_img2dataset_resizer"
+    resizer = sys.modules.get(name)
+    if resizer is None:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "resizer.py")
+        rspec = importlib.util.spec_from_file_location(name, path)
+        if rspec is None or rspec.loader is None:
+            raise ImportError(f"img2dataset's resizer is not at {path}")
+        resizer = importlib.util.module_from_spec(rspec)
+        rspec.loader.exec_module(resizer)
+        resizer.SuppressStdoutStderr = _Unsuppressed  # type: ignore[attr-defined]
+        sys.modules[name] = resizer
+    if "img2dataset" in sys.modules:  # the real package is already loaded: nothing to save
+        return resizer.Resizer, importlib.import_module("img2dataset.downloader").is_disallowed
     before = set(sys.modules)
     bare = types.ModuleType("img2dataset")
     bare.__path__ = list(spec.submodule_search_locations)
@@ -170,13 +198,12 @@ def _img2dataset_parts() -> tuple[Any, Any]:
     logger.CappedCounter = logger.write_stats = None  # type: ignore[attr-defined]
     sys.modules["img2dataset.logger"] = logger
     try:
-        resizer = importlib.import_module("img2dataset.resizer").Resizer
         disallowed = importlib.import_module("img2dataset.downloader").is_disallowed
     finally:
-        for name in set(sys.modules) - before:
-            if name == "img2dataset" or name.startswith("img2dataset."):
-                del sys.modules[name]
-    return resizer, disallowed
+        for mod in set(sys.modules) - before:
+            if mod == "img2dataset" or mod.startswith("img2dataset."):
+                del sys.modules[mod]
+    return resizer.Resizer, disallowed
 
 
 @register

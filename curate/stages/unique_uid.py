@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from curate import schema as S
-from curate.dedup.store import arrow
+from curate.io.sql import arrow
 from curate.registry import register
 from curate.stage import GlobalStage, Resources, StageParams
 
