@@ -4,7 +4,7 @@ One loopback corpus of real photographs (crops of scikit-image's sample photos, 
 nginx (Debian's package, a private instance on 127.0.0.1: real server software, and not the
 bottleneck a Python test server would be) and downloaded, from the same nginx, by:
   (a) `img2dataset` CLI, processes_count=1   vs  (b) `curate run`, local runner (one process)
-  (c) `img2dataset` CLI, processes_count=P   vs  (d) `curate run`, Ray runner (P download actors)
+  (c) `img2dataset` CLI, processes_count=P   vs  (d) `curate run`, Ray runner (P download workers: shard tasks, `concurrency: P`)
 for each P of --processes, with the same thread count, image size, resize mode and encoding.  Times
 are end to end (process start, imports and writing included).  Prints samples/s and the ratios
 curate / img2dataset with the same number of processes (medians of --repeat rounds: a shared 2-core
@@ -141,7 +141,7 @@ def main() -> None:
                 for label, p, fn in runs:
                     rate, ok, dt = fn()
                     rates.setdefault((label, p), []).append(rate)
-                    what = f"{label}, {p} {'actors' if label == 'curate Ray' else 'process' if p == 1 else 'processes'}"
+                    what = f"{label}, {p} {'workers' if label == 'curate Ray' else 'process' if p == 1 else 'processes'}"
                     print(f"[{r + 1}/{args.repeat}] {what:<34} {ok:>6} images in {dt:7.1f}s = {rate:7.1f} samples/s",
                           flush=True)
         med = {key: statistics.median(v) for key, v in rates.items()}
@@ -149,7 +149,7 @@ def main() -> None:
         print(f"ratio curate local / img2dataset 1 process  : {med[('curate local', 1)] / med[('img2dataset', 1)]:.2f}x"
               " (target >= 1.5x)")
         for p in args.processes:
-            print(f"ratio curate Ray {p} actors / img2dataset {p} processes: "
+            print(f"ratio curate Ray {p} workers / img2dataset {p} processes: "
                   f"{med[('curate Ray', p)] / med[('img2dataset', p)]:.2f}x (target >= 1.0x)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -294,23 +294,32 @@ def test_a_shard_without_live_rows_on_both_runners(hostile_server, tmp_path, ray
 @pytest.mark.ray
 def test_ray_reads_one_task_per_shard_not_fused_into_the_first_stage(tmp_path, ray_cluster, caplog):
     """Fused into the first stage, the read's one-row-per-shard input was bundled by that stage's batch
-    size (in rows): a single task read -- and ran -- a whole segment while the other workers waited."""
+    size (in rows): a single task read -- and ran -- a whole segment while the other workers waited.
+    (A segment streams through Ray Data only when it has an actor-pool stage: caption_perplexity's model.)
+    A segment of task stages alone runs as one task per shard, without Ray Data."""
     import logging
 
     n, shard = 24, 4
     inp = tmp_path / "in.parquet"
     pq.write_table(pa.table({"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(n)],
                              "caption": [f"a caption with enough words {i}" for i in range(n)]}), inp)
-    cfg = {"input": {"path": str(inp), "shard_size": shard}, "output": {"path": str(tmp_path / "out")},
-           "runner": {"kind": "ray", "num_cpus": 2}, "stages": [{"stage": "caption", "min_words": 3}]}
-    with caplog.at_level(logging.DEBUG, logger="curate.runners.ray_runner"):
-        curate.run(cfg)
-    stats = "\n".join(r.getMessage() for r in caplog.records if "Ray Data stats" in r.getMessage())
-    got = re.findall(r"Operator \d+ (\S+): (\d+) tasks executed", stats)
-    assert got, stats[:2000]
-    reads = [int(t) for op, t in got if op.startswith("MapBatches(_read_entering)")]
-    assert reads == [n // shard], got  # its own operator, one task per shard
-    assert read_dir(tmp_path / "out" / "data").num_rows == n
+    for name, stages in (("model", [{"stage": "caption", "min_words": 3}, {"stage": "caption_perplexity"}]),
+                         ("tasks", [{"stage": "caption", "min_words": 3}])):
+        caplog.clear()
+        cfg = {"input": {"path": str(inp), "shard_size": shard}, "output": {"path": str(tmp_path / name)},
+               "runner": {"kind": "ray", "num_cpus": 2}, "stages": stages}
+        with caplog.at_level(logging.DEBUG, logger="curate.runners.ray_runner"):
+            curate.run(cfg)
+        messages = [r.getMessage() for r in caplog.records]
+        stats = "\n".join(m for m in messages if "Ray Data stats" in m)
+        got = re.findall(r"Operator \d+ (\S+): (\d+) tasks executed", stats)
+        if name == "model":
+            reads = [int(t) for op, t in got if op.startswith("MapBatches(_read_entering)")]
+            assert reads == [n // shard], got  # its own operator, one task per shard
+        else:
+            assert not got, stats[:2000]
+            assert f"segment 0: {n // shard} shards, one task each" in "\n".join(messages), messages
+        assert read_dir(tmp_path / name / "data").num_rows == n
 
 
 def test_a_view_reads_each_row_once_when_a_retried_batch_wrote_overlapping_parts(tmp_path):

@@ -210,6 +210,7 @@ class RayRunner(Runner):
         self.cpus = float(res.get("CPU", 1))
         self.gpus = float(res.get("GPU", 0))
         self.parallelism = max(1, int(self.cpus))
+        self.node_cpus = max([float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1.0])
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = os.environ.get("CURATE_RAY_PROGRESS", "1") == "1"
         return self
@@ -306,13 +307,24 @@ class RayRunner(Runner):
         res = [st.resources for st in stages]
         cpus = max([1.0] + [r.num_cpus for r in res])
         gpus = max([0.0] + [r.num_gpus for r in res]) if self.gpus > 0 else 0.0
-        task = ray.remote(num_cpus=min(cpus, self.cpus), num_gpus=gpus, max_retries=3)(_shard_task)
+        cpus = min(cpus, self.cpus)
+        slots = max(1, int(self.cpus // cpus))
+        caps = [r.concurrency for r in res if r.concurrency]
+        window = 2 * slots  # as many queued behind the running ones: no CPU idles between two shards
+        if caps and min(caps) < slots:  # a stage's `concurrency`: at most that many shard tasks run at once
+            slots = min(caps)
+            if self.cpus / slots <= self.node_cpus:  # Ray itself keeps the rest queued
+                cpus, window = self.cpus / slots, 2 * slots
+            else:  # so many CPUs fit no node: no queue
+                window = slots
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=3)(_shard_task)
         light = ray.put(job.light())
         key = uuid.uuid4().hex
         todo = iter(sorted(job.inputs))
-        window = 2 * max(1, int(self.cpus // min(cpus, self.cpus)))  # queued behind the running ones
         running: list[Any] = []
         names = " → ".join(st.id for st in stages) or "write"
+        log.debug("segment %d: %d shards, one task each (%.2f CPU per task, %d in flight)", job.segment.index,
+                  len(job.inputs), cpus, window)
         with progress(f"segment {job.segment.index}: {names}", total=len(job.inputs), unit="shard") as bar:
             while True:
                 while len(running) < window and (shard := next(todo, None)) is not None:

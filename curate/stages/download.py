@@ -213,7 +213,9 @@ class Download(MapStage):
     needs = (S.URL,)
     produces = (S.IMAGE, S.WIDTH, S.HEIGHT, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT, S.IMAGE_SHA256,
                 S.DOWNLOAD_STATUS, S.DOWNLOAD_ERROR)
-    default_resources = Resources(num_cpus=1.0, batch_size=256, stateful=True)
+    # not an actor pool: setting up is cheap (a connection pool, the resizer), and a worker keeps it for the
+    # segment anyway; so a download segment runs on Ray as one task per shard (see curate.runners.ray_runner)
+    default_resources = Resources(num_cpus=1.0, batch_size=256)
     params: DownloadParams
 
     def setup(self) -> None:
