@@ -36,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
-WORK_TASKS = ("MapBatches", "_finish", "_StageActor", "_stage_task", "_read_shards", "_write_parts")
+WORK_TASKS = ("MapBatches", "_finish", "_StageActor", "_stage_task", "_shard_task", "_read_shards", "_write_parts")
 
 
 def free_port() -> int:
