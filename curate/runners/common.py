@@ -99,6 +99,19 @@ def run_stage_local(stage: Stage, table: pa.Table, timing: dict[str, float]) -> 
     return out
 
 
+def run_shard(job: SegmentJob, shard: str, stages: list[Stage]) -> int:
+    """Segment ``job`` on one shard: read the rows entering it, run ``stages`` (set up), write and finish the
+    shard (done marker last).  Returns its row count.  The local runner's loop body, and the Ray runner's task
+    for a segment without actor-pool stages."""
+    rows = job.rows(shard)
+    table = rows.entering(job.segment.index)
+    timing: dict[str, float] = {}
+    for st in stages:
+        table = run_stage_local(st, table, timing)
+    finish_shard(job, shard, table, timing, rows)
+    return table.num_rows
+
+
 def sort_shard(table: pa.Table) -> pa.Table:
     return table.sort_by([(S.SOURCE_ROW, "ascending"), (S.UID, "ascending")])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from curate.config import RunnerConfig
 from curate.progress import progress
 from curate.runners.base import Runner
-from curate.runners.common import SegmentJob, finish_shard, run_stage_local
+from curate.runners.common import SegmentJob, run_shard
 
 
 class LocalRunner(Runner):
@@ -27,12 +27,7 @@ class LocalRunner(Runner):
                 st.ensure_setup()
             with progress(f"segment {job.segment.index}: {names}", total=len(job.inputs), unit="shard") as bar:
                 for shard in job.inputs:
-                    rows = job.rows(shard)
-                    table = rows.entering(job.segment.index)
-                    shard_timing: dict[str, float] = {}
-                    for st in stages:
-                        table = run_stage_local(st, table, shard_timing)
-                    finish_shard(job, shard, table, shard_timing, rows)
+                    run_shard(job, shard, stages)
                     bar.advance(1)
         finally:
             for st in stages:

@@ -36,7 +36,7 @@ from curate.context import ray_map
 from curate.layout import Layout
 from curate.progress import progress
 from curate.runners.base import Runner
-from curate.runners.common import Segment, SegmentJob, finish_shard, run_stage_local
+from curate.runners.common import Segment, SegmentJob, finish_shard, run_shard
 from curate.runners.flow import ShardRows, remove_group, write_group
 from curate.stage import Stage
 
@@ -137,13 +137,7 @@ def _shard_task(job: SegmentJob, params: list[dict], state: list | None, key: st
     stages = _segment_stages(params, state, key)
     job.segment = Segment(job.segment.index, None, stages)  # the set-up objects (finish_shard annotates with them)
     job.inputs, job.expected_rows = {shard: base}, {shard: expected}
-    rows = job.rows(shard)
-    table = rows.entering(job.segment.index)
-    timing: dict[str, float] = {}
-    for st in stages:
-        table = run_stage_local(st, table, timing)
-    finish_shard(job, shard, table, timing, rows)
-    return shard, table.num_rows
+    return shard, run_shard(job, shard, stages)
 
 
 def _read_entering(batch: pa.Table, layout: Layout, k: int) -> pa.Table:
