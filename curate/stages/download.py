@@ -305,7 +305,7 @@ class Download(MapStage):
                 cf.ThreadPoolExecutor(max_workers=resizers, thread_name_prefix="curate-resize") as resize:
             todo = iter(range(n))
             fetching: dict[cf.Future, int] = {}
-            resizing: dict[cf.Future, tuple[int, Any]] = {}
+            resizing: dict[cf.Future, int] = {}
             for i in (next(todo, None) for _ in range(window)):
                 if i is not None:
                     fetching[pool.submit(self._fetch, urls[i])] = i
@@ -316,11 +316,11 @@ class Download(MapStage):
                         i, resp = fetching.pop(fut), fut.result()
                         if resp.ok:
                             body, resp.body = resp.body, None
-                            resizing[resize.submit(self._image, body)] = (i, body)
+                            resizing[resize.submit(self._image, body)] = i
                             continue
                         self._failed(i, resp, cols, reasons, errtypes, details)
                     else:
-                        i, body = resizing.pop(fut)
+                        i = resizing.pop(fut)
                         self._resized(i, fut.result(), cols, reasons, errtypes, details)
                     j = next(todo, None)
                     if j is not None:
