@@ -1,6 +1,6 @@
 """Benchmark of `curate index` / `curate search` on synthetic CLIP-like embeddings.
 
-    python bench/search.py [--rows 1000000] [--dim 512] [--memory 4GiB] [--queries 1000]
+    python bench/search.py [--rows 1000000] [--dim 512] [--memory 4GiB] [--queries 1000] [--on-disk-from ROWS|never]
 
 Writes a synthetic curate output (seeded: cluster centres + a 32-dimensional latent per row + a
 little isotropic noise, L2-normalised, stored as float16 like clip_embed's columns) in Parquet
@@ -56,17 +56,18 @@ def write_output(out: Path, rows: int, dim: int, seed: int) -> tuple[np.ndarray,
     return centres, proj
 
 
-def child_build(out: str, memory: str) -> None:
+def child_build(out: str, memory: str, on_disk_from: str) -> None:
     from curate.index import build_index
     from curate.index_plan import parse_bytes
 
     t0 = time.perf_counter()
-    meta = build_index(out, memory=parse_bytes(memory))
+    meta = build_index(out, memory=parse_bytes(memory),
+                       on_disk_from=None if on_disk_from == "never" else int(float(on_disk_from)))
     e = meta["indices"]["kept.image"]
     e["wall"] = time.perf_counter() - t0
     e["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({k: e[k] for k in ("factory", "reason", "rows", "params", "recall_at_10", "wall", "peak_rss",
-                                        "index_bytes")}))
+    print(json.dumps({k: e.get(k, 0) for k in ("factory", "reason", "rows", "params", "recall_at_10", "wall",
+                                               "peak_rss", "index_bytes", "ivfdata_bytes")}))
 
 
 def main() -> None:
@@ -76,10 +77,17 @@ def main() -> None:
     p.add_argument("--memory", default="4GiB")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--on-disk-from", default=None,
+                   help="curate index --on-disk-from (default: curate's; 'never': the in-RAM IVF-PQ of earlier "
+                        "figures; bench/index_disk.py compares the two)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.on_disk_from is None:
+        from curate.index_plan import ON_DISK_FROM
+
+        a.on_disk_from = str(ON_DISK_FROM)
     if a.child:
-        return child_build(a.child, a.memory)
+        return child_build(a.child, a.memory, a.on_disk_from)
     import faiss
     import pyarrow.parquet as pq
 
@@ -92,10 +100,13 @@ def main() -> None:
         t0 = time.perf_counter()
         centres, proj = write_output(out, a.rows, a.dim, a.seed)
         print(f"synthetic output: {a.rows} x {a.dim} float16 embeddings in {time.perf_counter() - t0:.1f}s")
-        r = subprocess.run([sys.executable, __file__, "--child", str(out), "--memory", a.memory],
+        r = subprocess.run([sys.executable, __file__, "--child", str(out), "--memory", a.memory,
+                            "--on-disk-from", a.on_disk_from],
                            capture_output=True, text=True, check=True)
         b = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"index: {b['factory']} ({b['reason']}); params {b['params']}; {human_bytes(b['index_bytes'])} on disk")
+        lists = f" + {human_bytes(b['ivfdata_bytes'])} of memory-mapped lists" if b["ivfdata_bytes"] else ""
+        print(f"index: {b['factory']} ({b['reason']}); params {b['params']}; {human_bytes(b['index_bytes'])}{lists} "
+              "on disk")
         print(f"build: {b['wall']:.1f}s, peak RSS {human_bytes(b['peak_rss'])} (child process: streaming read, "
               f"training, adding, exact top-10 of 1000 sampled queries); build-time recall@10 {b['recall_at_10']:.3f}")
         q = vectors(np.random.default_rng(a.seed + 99), a.queries, centres, proj).astype(np.float16).astype(np.float32)

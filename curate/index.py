@@ -6,14 +6,20 @@ embeddings and optionally text embeddings -- it writes
 * ``OUT/index/{view}.{modality}.faiss``: the index (inner product over L2-normalised vectors);
 * ``OUT/index/{view}.{modality}.ids.parquet``: one row per index position (``uid``, ``file``: the
   Parquet file under ``data/`` or ``rejected/``, ``row``: the row in it), in position order;
+* ``OUT/index/{view}.{modality}.rows.npy``: the same mapping as a memory-mapped array (``file``: uint32,
+  the file's position in the entry's ``files``; ``row``: int64), what searches read;
+* ``OUT/index/{view}.{modality}.{token}.ivfdata``: above ``on_disk_from`` rows, the inverted lists of
+  an IVF index, memory-mapped by searches (curate/index_disk.py); the ``.faiss`` then holds only the
+  coarse quantizer and the lists' offsets;
 * ``OUT/index/index.json``: per index the factory string, why it was chosen, rows, dimension,
   tuned search parameters, recall@10 against exact search and the files it covers.
 
 The build streams the Parquet files batch by batch (only the embedding and uid columns are read):
 one pass samples training vectors (when the index needs training), one adds every vector, writes the
 uid mapping and accumulates the exact top-10 of the recall queries (a sample of the corpus) in a
-FAISS result heap -- memory stays at the index itself plus one batch.  See curate/index_plan.py for
-the choice of index.
+FAISS result heap -- memory stays at the index itself plus one batch (an on-disk index: its
+quantizer plus one shard of codes, :data:`curate.index_disk.SHARD_BYTES`).  See curate/index_plan.py
+for the choice of index.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import schema as S
-from curate.index_plan import DEFAULT_MEMORY, IndexPlan, human_bytes, plan_index
+from curate.index_plan import DEFAULT_MEMORY, ON_DISK_FROM, IndexPlan, human_bytes, plan_index
 from curate.io.files import InputError, write_json_atomic
 from curate.layout import Layout
 from curate.query import parquet_files
@@ -47,6 +54,7 @@ MAX_TRAIN_ROWS = 500_000
 RECALL_QUERIES = 1000
 RECALL_K = 10
 TARGET_RECALL = 0.9
+ROWS_DTYPE = np.dtype([("file", "<u4"), ("row", "<i8")])  # NAME.rows.npy
 
 
 def index_dir(output: str | Path) -> Path:
@@ -116,9 +124,11 @@ def _dimension(files: list[Path], column: str) -> int:
 
 
 def build_one(layout: Layout, view: str, modality: str, memory: int, kind: str = "auto", factory: str | None = None,
-              target_recall: float = TARGET_RECALL, seed: int = 0) -> dict[str, Any]:
-    """Build one index (see the module doc); returns its index.json entry."""
+              target_recall: float = TARGET_RECALL, seed: int = 0, on_disk_from: int | None = ON_DISK_FROM,
+              nprobe: int | None = None) -> dict[str, Any]:
+    """Build one index (see the module doc); returns its index.json entry.  ``nprobe``: fixed instead of tuned."""
     from curate.dedup.vectors import gpu_available, import_faiss
+    from curate.index_disk import OnDiskBuilder, not_on_disk_reason
     from curate.progress import progress
     from curate.search_params import apply_params, tune
 
@@ -132,73 +142,127 @@ def build_one(layout: Layout, view: str, modality: str, memory: int, kind: str =
         raise InputError(f"index: no {column} in {view_dir(layout, view)} (the run needs a clip_embed stage)")
     t0 = time.perf_counter()
     try:
-        plan: IndexPlan = plan_index(total, dim, memory, kind, factory)
+        plan: IndexPlan = plan_index(total, dim, memory, kind, factory, on_disk_from)
         index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     except (ValueError, RuntimeError) as e:
         raise InputError(f"index: {' '.join(str(e).split())[:300]}") from None
     name = f"{view}.{modality}"
+    if plan.on_disk and (why := not_on_disk_reason(index)):
+        plan.on_disk = False
+        plan.reason += f"; kept in RAM: {why}"
     log.info("index %s: %s (%s)", name, plan.factory, plan.reason)
     ivf = faiss.try_extract_index_ivf(index)
     n_train = 0 if index.is_trained else min(MAX_TRAIN_ROWS, max(TRAIN_ROWS_PER_LIST * (ivf.nlist if ivf else 256),
                                                                     50_000))
     sample = _sample(files, counts, column, n_train + RECALL_QUERIES, seed)  # one pass: training rows and queries
     sample = sample[np.random.default_rng(seed).permutation(len(sample))]
-    queries = np.ascontiguousarray(sample[:RECALL_QUERIES])
+    queries = sample[:RECALL_QUERIES].copy()  # a copy: a view would keep the whole sample alive while adding
     if not index.is_trained:
         train = sample
         if ivf is not None and gpu_available():  # k-means of the coarse quantizer on the GPU (as autofaiss)
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))
         log.info("index %s: training on %d vectors", name, len(train))
+        t_train = time.perf_counter()
         index.train(train)
         del train
+        t_train = time.perf_counter() - t_train
     del sample
+    if n_train:
+        log.info("index %s: trained in %.1fs", name, t_train)
     heap = faiss.ResultHeap(len(queries), RECALL_K, keep_max=True) if len(queries) else None
     out_dir = index_dir(layout.root)
     out_dir.mkdir(parents=True, exist_ok=True)
     ids_tmp = out_dir / f".{name}.ids.parquet.tmp"
+    rows_tmp = out_dir / f".{name}.rows.bin.tmp"
+    ivfdata = f"{name}.{os.urandom(4).hex()}.ivfdata" if plan.on_disk else None
+    ivfdata_tmp = out_dir / f".{ivfdata}.tmp" if ivfdata else None
+    sink = OnDiskBuilder(index, out_dir, name) if plan.on_disk else None
+    file_no = {f.name: i for i, f in enumerate(files)}
     id_schema = pa.schema([pa.field("uid", pa.string()), pa.field("file", pa.string()), pa.field("row", pa.int64())])
     added = 0
-    with pq.ParquetWriter(ids_tmp, id_schema, compression="zstd") as writer, \
-            progress(f"index {name}", total, "rows") as bar:
-        for fname, rows, uids, x in iter_vectors(files, column):
-            index.add(x)
-            if heap is not None:
-                d, i = faiss.knn(queries, x, min(RECALL_K, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
-                if d.shape[1] < RECALL_K:
-                    pad = RECALL_K - d.shape[1]
-                    d = np.hstack([d, np.full((len(d), pad), -np.inf, np.float32)])
-                    i = np.hstack([i, np.full((len(i), pad), -1, np.int64)])
-                heap.add_result(np.ascontiguousarray(d, np.float32), np.where(i >= 0, i + added, -1))
-            writer.write_table(pa.table({"uid": pa.array(uids.tolist(), pa.string()),
-                                         "file": pa.array([fname] * len(rows), pa.string()),
-                                         "row": pa.array(rows, pa.int64())}, schema=id_schema),
-                               row_group_size=BATCH_ROWS)
-            added += len(x)
-            bar.advance(len(x))
-    params, recall = {}, 1.0
-    if heap is not None:
-        heap.finalize()
-        params, recall = tune(index, queries, heap.I, RECALL_K, target_recall)
-        apply_params(index, params)
-    seconds = time.perf_counter() - t0
-    faiss.write_index(index, str(out_dir / f".{name}.faiss.tmp"))
-    os.replace(out_dir / f".{name}.faiss.tmp", out_dir / f"{name}.faiss")
-    os.replace(ids_tmp, out_dir / f"{name}.ids.parquet")
+    try:
+        with pq.ParquetWriter(ids_tmp, id_schema, compression="zstd") as writer, open(rows_tmp, "wb") as rows_out, \
+                progress(f"index {name}", total, "rows") as bar:
+            for fname, rows, uids, x in iter_vectors(files, column):
+                if sink is not None:
+                    sink.add(x, np.arange(added, added + len(x), dtype=np.int64))
+                else:
+                    index.add(x)
+                if heap is not None:
+                    d, i = faiss.knn(queries, x, min(RECALL_K, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+                    if d.shape[1] < RECALL_K:
+                        pad = RECALL_K - d.shape[1]
+                        d = np.hstack([d, np.full((len(d), pad), -np.inf, np.float32)])
+                        i = np.hstack([i, np.full((len(i), pad), -1, np.int64)])
+                    heap.add_result(np.ascontiguousarray(d, np.float32), np.where(i >= 0, i + added, -1))
+                writer.write_table(pa.table({"uid": pa.array(uids.tolist(), pa.string()),
+                                             "file": pa.array([fname] * len(rows), pa.string()),
+                                             "row": pa.array(rows, pa.int64())}, schema=id_schema),
+                                   row_group_size=BATCH_ROWS)
+                rec = np.empty(len(rows), ROWS_DTYPE)
+                rec["file"], rec["row"] = file_no[fname], rows
+                rows_out.write(rec.tobytes())
+                added += len(x)
+                bar.advance(len(x))
+        if sink is not None:
+            log.info("index %s: merging %d shards into %s", name, len(sink.shards) + (sink.current is not None),
+                     ivfdata)
+            index = sink.finish(ivfdata_tmp)
+        params, recall = {}, 1.0
+        if heap is not None:
+            heap.finalize()
+            params, recall = tune(index, queries, heap.I, RECALL_K, target_recall, nprobe)
+            apply_params(index, params)
+        seconds = time.perf_counter() - t0
+        _finish_rows(rows_tmp, out_dir / f".{name}.rows.npy.tmp", added)
+        if sink is not None:
+            from curate.index_disk import write
+
+            os.replace(ivfdata_tmp, out_dir / ivfdata)  # a new name: an open index keeps its own file
+            write(index, out_dir / f".{name}.faiss.tmp", ivfdata)
+        else:
+            faiss.write_index(index, str(out_dir / f".{name}.faiss.tmp"))
+        os.replace(out_dir / f".{name}.faiss.tmp", out_dir / f"{name}.faiss")
+        os.replace(ids_tmp, out_dir / f"{name}.ids.parquet")
+        os.replace(out_dir / f".{name}.rows.npy.tmp", out_dir / f"{name}.rows.npy")
+    finally:
+        if sink is not None:
+            sink.cleanup()
+        for tmp in (ids_tmp, rows_tmp, ivfdata_tmp, out_dir / f".{name}.rows.npy.tmp"):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+    for old in out_dir.glob(f"{name}.*.ivfdata"):  # lists of an earlier build
+        if old.name != ivfdata:
+            old.unlink(missing_ok=True)
     exact = plan.kind == "flat"
-    log.info("index %s: %d vectors, %s, recall@%d %.3f vs exact search on %d queries%s, %.1fs", name, added,
-             plan.factory, RECALL_K, recall, len(queries), " (exact index)" if exact else "", seconds)
-    return {"view": view, "modality": modality, "column": column, "factory": plan.factory, "kind": plan.kind,
-            "reason": plan.reason, "rows": added, "dim": dim, "metric": "inner_product", "params": params,
-            "recall_at_10": round(float(recall), 4), "recall_queries": int(len(queries)),
-            "estimated_bytes": plan.estimated_bytes, "memory_budget": memory,
-            "index_bytes": (out_dir / f"{name}.faiss").stat().st_size, "build_seconds": round(seconds, 2),
-            "files": file_list(layout, view)}
+    log.info("index %s: %d vectors, %s%s, recall@%d %.3f vs exact search on %d queries%s, %.1fs", name, added,
+             plan.factory, " (lists on disk)" if ivfdata else "", RECALL_K, recall, len(queries),
+             " (exact index)" if exact else "", seconds)
+    entry = {"view": view, "modality": modality, "column": column, "factory": plan.factory, "kind": plan.kind,
+             "reason": plan.reason, "rows": added, "dim": dim, "metric": "inner_product", "params": params,
+             "recall_at_10": round(float(recall), 4), "recall_queries": int(len(queries)),
+             "estimated_bytes": plan.estimated_bytes, "memory_budget": memory,
+             "index_bytes": (out_dir / f"{name}.faiss").stat().st_size, "build_seconds": round(seconds, 2),
+             "files": file_list(layout, view), "positions": f"{name}.rows.npy", "on_disk": bool(ivfdata)}
+    if ivfdata:
+        entry.update(ivfdata=ivfdata, ivfdata_bytes=(out_dir / ivfdata).stat().st_size)
+    return entry
+
+
+def _finish_rows(body: Path, dest: Path, n: int) -> None:
+    """``NAME.rows.npy`` from the records streamed to ``body`` (an .npy header, then the records)."""
+    with open(dest, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(ROWS_DTYPE),
+                                                 "fortran_order": False, "shape": (n,)})
+        with open(body, "rb") as src:
+            shutil.copyfileobj(src, f, 16 << 20)
 
 
 def build_index(output: str | Path, text: bool = False, rejected: bool = False, memory: int = DEFAULT_MEMORY,
                 kind: str = "auto", factory: str | None = None, target_recall: float = TARGET_RECALL,
-                seed: int = 0) -> dict[str, Any]:
-    """Build ``OUT/index/`` (see the module doc); returns the content of index.json."""
+                seed: int = 0, on_disk_from: int | None = ON_DISK_FROM, nprobe: int | None = None) -> dict[str, Any]:
+    """Build ``OUT/index/`` (see the module doc); returns the content of index.json.  ``on_disk_from``: rows
+    from which an IVF index keeps its lists on disk (None: never); ``nprobe``: fixed instead of tuned."""
     layout = Layout(Path(output).expanduser().resolve())
     if not layout.data.is_dir():
         raise InputError(f"index: {output} is not a curate output (no data/ directory)")
@@ -209,7 +273,7 @@ def build_index(output: str | Path, text: bool = False, rejected: bool = False, 
             if view == "rejected" and not parquet_files(layout.rejected):
                 continue
             indices[f"{view}.{modality}"] = build_one(layout, view, modality, memory, kind, factory,
-                                                      target_recall, seed)
+                                                      target_recall, seed, on_disk_from, nprobe)
     meta = {"version": 1, "indices": indices, "clip": clip_settings(layout)}
     write_json_atomic(meta, meta_path(layout.root))
     return meta
@@ -232,8 +296,12 @@ def describe(meta: dict[str, Any]) -> str:
     """The command's summary: one line per index."""
     lines = []
     for name, e in meta["indices"].items():
+        size = human_bytes(e["index_bytes"]) + " on disk"
+        if e.get("on_disk"):
+            size = (f"lists memory-mapped from {e['ivfdata']} ({human_bytes(e['ivfdata_bytes'])}), "
+                    f"{human_bytes(e['index_bytes'])} index file loaded")
         lines.append(f"{name}: {e['rows']} vectors x {e['dim']}, {e['factory']} ({e['reason']}); "
                      f"recall@10 {e['recall_at_10']:.3f} vs exact search on {e['recall_queries']} sampled queries"
                      f"{' (exact index)' if e['kind'] == 'flat' else ''}; params {e['params'] or '-'}; "
-                     f"{human_bytes(e['index_bytes'])} on disk; built in {e['build_seconds']:.1f}s")
+                     f"{size}; built in {e['build_seconds']:.1f}s")
     return "\n".join(lines)

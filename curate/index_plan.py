@@ -15,6 +15,15 @@ product (= cosine):
   PQ candidates with them (recall close to the IVF probing's own).
 * ``kind="hnsw"``: ``HNSW32`` (float vectors + graph: fast and accurate, slow to build);
   ``factory="..."``: any ``faiss.index_factory`` string, as given.
+* **on disk** from ``on_disk_from`` rows (``curate index --on-disk-from``, default :data:`ON_DISK_FROM`;
+  None: never): ``IVF{nlist},SQ8`` (same ``nlist`` and quantizer rule) whose inverted lists live in a
+  memory-mapped ``.ivfdata`` file (curate/index_disk.py) -- only the coarse quantizer must fit the
+  budget.  SQ8 (one byte a dimension) keeps distances within about 1% of exact, so recall is the IVF
+  probing's own and ``nprobe`` alone trades it for speed; ``kind="ivfpq"`` on disk gives 8-bit
+  ``PQ{m}`` codes instead (``m`` the largest divisor of ``d`` in the list above, at most ``d / 4``:
+  4x smaller, lower recall).  ``kind="ivfsq8"`` asks for ``IVF{nlist},SQ8`` below the threshold too
+  (in RAM).  A ``factory`` string goes on disk above the threshold when it is an IVF index with
+  ordinary lists (no fast-scan, no Refine); otherwise it stays in RAM.
 
 Search-time parameters (``nprobe``, ``efSearch``) are tuned after the build on a sample of the
 corpus, autofaiss-style: the smallest value reaching the target recall@10 against exact search.
@@ -28,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FLAT_MAX_ROWS = 1_000_000
+ON_DISK_FROM = 1_000_000  # rows from which `curate index` keeps IVF lists on disk (its --on-disk-from default)
 DEFAULT_MEMORY = 4 * 1024 ** 3
 PQ_SUBQUANTIZERS = (128, 96, 64, 48, 32, 16, 8)
 HNSW_QUANTIZER_FROM = 2 ** 14
@@ -39,13 +49,15 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb
 @dataclass
 class IndexPlan:
     factory: str
-    kind: str  # flat | ivfpq | hnsw | custom
+    kind: str  # flat | ivfpq | ivfsq8 | hnsw | custom
     nlist: int = 0
     pq_bytes: int = 0
     refine: bool = False
-    estimated_bytes: int = 0
+    estimated_bytes: int = 0  # resident: the whole index in RAM, or the quantizer of an on-disk one
     reason: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    on_disk: bool = False  # inverted lists in a memory-mapped .ivfdata file (IVF indices only)
+    disk_bytes: int = 0  # the .ivfdata's size (codes + 8-byte ids), when on disk
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,21 +92,28 @@ def ivf_lists(rows: int) -> int:
 
 
 def plan_index(rows: int, dim: int, memory: int = DEFAULT_MEMORY, kind: str = "auto",
-               factory: str | None = None) -> IndexPlan:
-    """The index for ``rows`` vectors of dimension ``dim`` within ``memory`` bytes (see the module doc)."""
+               factory: str | None = None, on_disk_from: int | None = None) -> IndexPlan:
+    """The index for ``rows`` vectors of dimension ``dim`` within ``memory`` bytes (see the module doc);
+    ``on_disk_from``: rows from which IVF lists are kept on disk (None: never)."""
     flat_bytes = rows * dim * 4
+    on_disk = on_disk_from is not None and rows >= on_disk_from
     if factory:
-        return IndexPlan(factory, "custom", reason="factory string given")
-    if kind == "flat" or (kind == "auto" and rows < FLAT_MAX_ROWS and flat_bytes <= memory):
+        why = "factory string given" + (f"; {rows} rows >= {on_disk_from}: lists on disk if it is an IVF index"
+                                        if on_disk else "")
+        return IndexPlan(factory, "custom", reason=why, on_disk=on_disk)
+    if kind == "flat" or (kind == "auto" and not on_disk and rows < FLAT_MAX_ROWS and flat_bytes <= memory):
         why = "asked" if kind == "flat" else \
             f"{rows} rows < {FLAT_MAX_ROWS} and {human_bytes(flat_bytes)} fit the budget"
         return IndexPlan("Flat", "flat", estimated_bytes=flat_bytes, reason=why)
     if kind == "hnsw":
         return IndexPlan("HNSW32", "hnsw", estimated_bytes=flat_bytes + rows * 32 * 2 * 4, reason="asked")
-    if kind not in ("auto", "ivfpq"):
-        raise ValueError(f"unknown index kind {kind!r} (auto, flat, ivfpq, hnsw)")
+    if kind not in ("auto", "ivfpq", "ivfsq8"):
+        raise ValueError(f"unknown index kind {kind!r} (auto, flat, ivfpq, ivfsq8, hnsw)")
     nlist = ivf_lists(rows)
     coarse = nlist * dim * 4 * (2 if nlist >= HNSW_QUANTIZER_FROM else 1)
+    quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
+    if on_disk or kind == "ivfsq8":
+        return _plan_plain_ivf(rows, dim, memory, kind, nlist, coarse, quantizer, on_disk, on_disk_from)
     for m in (m for m in PQ_SUBQUANTIZERS if dim % m == 0 and 2 * m <= dim):
         codes = rows * (m // 2 + ID_BYTES) + coarse
         if codes <= memory:
@@ -104,9 +123,35 @@ def plan_index(rows: int, dim: int, memory: int = DEFAULT_MEMORY, kind: str = "a
                          f"PQ codes (or {dim} has no divisor among {PQ_SUBQUANTIZERS}): raise --memory or give "
                          "--factory")
     refine = codes + rows * dim * 2 <= memory
-    quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
     fac = f"{quantizer},PQ{m}x4fsr" + (",Refine(SQfp16)" if refine else "")
     why = (f"{rows} rows{' >= ' + str(FLAT_MAX_ROWS) if rows >= FLAT_MAX_ROWS else ''}; flat would need "
            f"{human_bytes(flat_bytes)} of a {human_bytes(memory)} budget; PQ{m} codes"
            f"{' + float16 re-ranking copies' if refine else ''}")
     return IndexPlan(fac, "ivfpq", nlist, m, refine, codes + (rows * dim * 2 if refine else 0), why)
+
+
+def _plan_plain_ivf(rows: int, dim: int, memory: int, kind: str, nlist: int, coarse: int, quantizer: str,
+                    on_disk: bool, on_disk_from: int | None) -> IndexPlan:
+    """IVF with ordinary inverted lists: SQ8 codes (``kind`` auto / ivfsq8) or 8-bit PQ (ivfpq), on disk or not."""
+    if kind == "ivfpq":
+        ms = [m for m in PQ_SUBQUANTIZERS if dim % m == 0 and 4 * m <= dim]
+        if not ms:
+            raise ValueError(f"dimension {dim} has no divisor among {PQ_SUBQUANTIZERS} of at most {dim} / 4: "
+                             "give --factory")
+        m, code, codec = ms[0], ms[0], f"PQ{ms[0]}"
+    else:
+        m, code, codec = 0, dim, "SQ8"
+    lists = rows * (code + ID_BYTES)
+    resident = coarse if on_disk else coarse + lists
+    if resident > memory:
+        what = "its coarse quantizer" if on_disk else "its codes"
+        raise ValueError(f"{rows} vectors of dimension {dim} as {quantizer},{codec}: {what} "
+                         f"({human_bytes(resident)}) do not fit a memory budget of {human_bytes(memory)}: raise "
+                         "--memory or give --factory")
+    if on_disk:
+        why = (f"{rows} rows >= {on_disk_from}: inverted lists on disk ({human_bytes(lists)} of {codec} codes, "
+               f"memory-mapped), {human_bytes(coarse)} quantizer in RAM")
+    else:
+        why = "asked"
+    return IndexPlan(f"{quantizer},{codec}", "ivfpq" if kind == "ivfpq" else "ivfsq8", nlist, m, False, resident,
+                     why, on_disk=on_disk, disk_bytes=lists if on_disk else 0)

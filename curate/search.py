@@ -1,11 +1,13 @@
 """``curate search``: nearest neighbours of a text, an image or a row, in an output's FAISS index.
 
 ``Searcher(OUT)`` loads ``OUT/index/`` (see curate/index.py) lazily: an index when first searched
-(moved to the GPU when FAISS sees one and the index is flat or IVF), the run's own CLIP model
+(moved to the GPU when FAISS sees one and the index is flat or IVF in RAM; an index whose lists are on
+disk is opened read-only with them memory-mapped, curate/index_disk.py), the run's own CLIP model
 (``clip_embed``'s model, pretrained, seed from config.resolved.yaml) when a text or an image is
 first encoded.  Results are a ``pyarrow.Table``: ``rank``, ``score`` (cosine), then the row's
 columns but the image bytes and embeddings, read back from its Parquet file by position (the
-index's ``ids.parquet`` maps each position to uid, file and row) -- never by a scan of the output.
+index's memory-mapped ``rows.npy`` -- ``ids.parquet`` for an index built before it -- maps each position
+to its file and row) -- never by a scan of the output.
 
 ``where``: a SQL condition on those columns (DuckDB, no file access); the index is asked for more
 neighbours (4x, 16x, ... up to :data:`MAX_CANDIDATES`) until ``k`` rows satisfy it.
@@ -41,34 +43,46 @@ MAX_QUERY_IMAGE_PIXELS = 50_000_000
 class LoadedIndex:
     def __init__(self, output: Path, name: str, entry: dict[str, Any]) -> None:
         from curate.dedup.vectors import gpu_available, import_faiss
+        from curate.index_disk import open_index
         from curate.search_params import apply_params
 
         faiss = import_faiss("curate search")
         self.name, self.entry = name, entry
-        self.index = faiss.read_index(str(index_dir(output) / f"{name}.faiss"))
+        folder = index_dir(output)
+        try:  # an on-disk index: read-only, its lists memory-mapped from the .ivfdata beside it
+            self.index = open_index(folder / f"{name}.faiss")
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(f"search: index {name}: {e}; run `curate index {output}` again") from None
         apply_params(self.index, entry.get("params") or {})
-        if gpu_available() and entry.get("kind") in ("flat", "ivfpq") and "Refine" not in entry.get("factory", ""):
+        if gpu_available() and entry.get("kind") in ("flat", "ivfpq") and "Refine" not in entry.get("factory", "") \
+                and not entry.get("on_disk"):
             try:
                 self.index = faiss.index_cpu_to_all_gpus(self.index)
             except RuntimeError as e:  # not every index type has a GPU version
                 log.info("index %s stays on the CPU (%s)", name, str(e).splitlines()[0])
-        self.ids, self.ids_file = RowReader(index_dir(output)), f"{name}.ids.parquet"
+        self.ids, self.ids_file = RowReader(folder), f"{name}.ids.parquet"
+        rows = folder / entry["positions"] if entry.get("positions") else None
+        # position -> (file, row): a memory-mapped array (only the pages of the hits are read); indices built
+        # before it existed read the row groups of ids.parquet that hold the hits
+        self.rows = np.load(rows, mmap_mode="r") if rows is not None and rows.exists() else None
+        self.row_files = np.asarray([f["name"] for f in entry.get("files", [])], dtype=object)
         self.lock = threading.Lock()
 
-    def search(self, x: np.ndarray, k: int, widen: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, x: np.ndarray, k: int, widen: int = 1, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k``; an IVF index visits ``widen`` times its tuned number of lists (a filtered search
-        asking for many candidates must look beyond the lists that hold the first few)."""
+        asking for many candidates must look beyond the lists that hold the first few), or ``widen`` times
+        ``nprobe`` when given."""
         import faiss
 
         x = np.ascontiguousarray(x, np.float32).reshape(1, -1)
         with self.lock:  # parameters (and GPU resources) are shared
             try:
-                ivf = faiss.try_extract_index_ivf(self.index) if widen > 1 else None
+                ivf = faiss.try_extract_index_ivf(self.index) if widen > 1 or nprobe else None
             except RuntimeError:  # a GPU index
                 ivf = None
             old = ivf.nprobe if ivf is not None else 0
             if ivf is not None:
-                ivf.nprobe = min(ivf.nlist, old * widen)
+                ivf.nprobe = max(1, min(ivf.nlist, (nprobe or old) * widen))
             try:
                 return self.index.search(x, min(k, self.index.ntotal))
             finally:
@@ -76,8 +90,16 @@ class LoadedIndex:
                     ivf.nprobe = old
 
     def positions(self, ids: np.ndarray) -> pa.Table:
-        """uid, file, row of index positions (in the given order), reading only their row groups."""
-        return self.ids.read(self.ids_file, ids)
+        """``file`` and ``row`` of index positions (in the given order) -- and ``uid`` for an index without
+        a ``rows.npy`` (built before it), whose ``ids.parquet`` row groups holding them are read."""
+        if self.rows is None:
+            return self.ids.read(self.ids_file, ids)
+        ids = np.asarray(ids, np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self.rows)):
+            raise InputError(f"search: index {self.name} and its rows.npy disagree; run `curate index` again")
+        rec = self.rows[ids]  # reads the pages that hold them
+        return pa.table({"file": pa.array(self.row_files[rec["file"]].tolist(), pa.string()),
+                         "row": pa.array(np.asarray(rec["row"], np.int64), pa.int64())})
 
 
 class Searcher:
@@ -176,14 +198,16 @@ class Searcher:
 
     # -- search ---------------------------------------------------------------------------------
     def search(self, vector: np.ndarray, k: int = 10, where: str | None = None, view: str = "kept",
-               modality: str = "image", locate: bool = False) -> pa.Table:
+               modality: str = "image", locate: bool = False, nprobe: int | None = None) -> pa.Table:
         """The ``k`` nearest rows of ``view`` to ``vector`` (satisfying ``where``), best first.
-        ``locate``: also ``_file`` and ``_row``, where each row is stored (not visible to ``where``)."""
+        ``locate``: also ``_file`` and ``_row``, where each row is stored (not visible to ``where``).
+        ``nprobe``: lists an IVF index visits (default: the value tuned by ``curate index``)."""
         from curate.sql_guard import empty_connect, one_line
 
         if view not in ("kept", "rejected") or modality not in ("image", "text"):
             raise InputError("search: view is kept or rejected, modality image or text")
         _check_k(k)
+        _check_nprobe(nprobe)
         idx = self.index(view, modality)
         v = np.asarray(vector, np.float32).reshape(-1)
         if v.shape[0] != idx.index.d:
@@ -195,7 +219,7 @@ class Searcher:
                 _check_where(con, where)
             fetch = k if not where else 4 * k
             while True:
-                scores, ids = idx.search(v, fetch, widen=fetch // k)
+                scores, ids = idx.search(v, fetch, widen=fetch // k, nprobe=nprobe)
                 keep = ids[0] >= 0
                 pos = idx.positions(ids[0][keep])
                 table = self._rows(view, pos, scores[0][keep])
@@ -243,6 +267,11 @@ def _check_k(k: int) -> None:
         raise InputError(f"search: k must be between 1 and {MAX_K}")
 
 
+def _check_nprobe(nprobe: int | None) -> None:
+    if nprobe is not None and not 1 <= int(nprobe) <= 1 << 20:
+        raise InputError("search: nprobe must be between 1 and 1048576")
+
+
 def _check_where(con, where: str) -> None:
     from curate.sql_guard import check_condition
 
@@ -254,9 +283,10 @@ def _check_where(con, where: str) -> None:
 
 def search(output: str | Path, text: str | None = None, image: bytes | str | Path | None = None,
            uid: str | None = None, k: int = 10, where: str | None = None, view: str = "kept",
-           modality: str = "image", searcher: Searcher | None = None, locate: bool = False) -> pa.Table:
+           modality: str = "image", searcher: Searcher | None = None, locate: bool = False,
+           nprobe: int | None = None) -> pa.Table:
     """One search (exactly one of ``text``, ``image`` -- bytes or a path --, ``uid``); a ``pyarrow.Table``
-    (``locate``: see :meth:`Searcher.search`)."""
+    (``locate``, ``nprobe``: see :meth:`Searcher.search`)."""
     from curate.sql_guard import empty_connect
 
     s = searcher or Searcher(output)
@@ -264,6 +294,7 @@ def search(output: str | Path, text: str | None = None, image: bytes | str | Pat
     if sum(given) != 1:
         raise InputError("search: give exactly one of text, image, uid")
     _check_k(k)
+    _check_nprobe(nprobe)
     if where:  # before any model is loaded
         con = empty_connect()
         try:
@@ -283,4 +314,4 @@ def search(output: str | Path, text: str | None = None, image: bytes | str | Pat
         vec = s.image_vector(bytes(image))
     else:
         vec = s.uid_vector(uid, modality)
-    return s.search(vec, k, where, view, modality, locate)
+    return s.search(vec, k, where, view, modality, locate, nprobe)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from curate.index_plan import ON_DISK_FROM
 from curate.io.files import InputError
 
 SHOWN = ("uid", "score", "caption", "url")
@@ -14,16 +15,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("index", help="build FAISS indices of an output's embeddings under OUTPUT_DIR/index/",
                        description="Index the kept rows' image embeddings (and with --text their text embeddings, "
                                    "with --rejected the rejected rows' too). The index type follows the size and "
-                                   "--memory (flat below 1M rows, IVF-PQ above; see docs/CONTRACT.md); the "
-                                   "output reports recall@10 against exact search on a sample.")
+                                   "--memory (flat below 1M rows, IVF-PQ above; from --on-disk-from rows an "
+                                   "IVF-SQ8 index whose lists stay on disk, memory-mapped by searches; see "
+                                   "docs/CONTRACT.md); the output reports recall@10 against exact search on a sample.")
     s.add_argument("output", help="a curate output directory")
     s.add_argument("--text", action="store_true", help="also index text embeddings")
     s.add_argument("--rejected", action="store_true", help="also index the rejected rows that have embeddings")
     s.add_argument("--memory", default="4GiB", help="memory budget of one index (default 4GiB)")
-    s.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto",
+    s.add_argument("--kind", choices=["auto", "flat", "ivfpq", "ivfsq8", "hnsw"], default="auto",
                    help="index kind (default auto)")
     s.add_argument("--factory", default=None, help="a faiss.index_factory string instead (e.g. IVF4096,PQ64x4fsr)")
     s.add_argument("--target-recall", type=float, default=0.9, help="recall@10 the search parameters are tuned for")
+    s.add_argument("--on-disk-from", default=str(ON_DISK_FROM), metavar="ROWS",
+                   help=f"from this many vectors an IVF index keeps its inverted lists in a memory-mapped .ivfdata "
+                        f"file: searches hold the quantizer, not the lists, in RAM (default {ON_DISK_FROM}; 0: "
+                        "always; 'never': in RAM)")
+    s.add_argument("--nprobe", type=int, default=None,
+                   help="lists an IVF search visits, fixed instead of tuned for --target-recall")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("search", help="nearest rows to a text, an image or a row (needs `curate index`)",
@@ -41,6 +49,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="embeddings searched (default image: --text finds images)")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
     s.add_argument("--columns", default=",".join(SHOWN), help=f"columns printed (default {','.join(SHOWN)})")
+    s.add_argument("--nprobe", type=int, default=None,
+                   help="lists an IVF index visits (default: the value `curate index` tuned; more: slower, "
+                        "higher recall)")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("serve", help="a local web app to browse, search and carve subsets of an output")
@@ -59,10 +70,28 @@ def cmd_index(args: argparse.Namespace) -> int:
         memory = parse_bytes(args.memory)
     except ValueError as e:
         raise InputError(f"index: --memory: {e}") from None
+    on_disk_from = None if args.on_disk_from.strip().lower() == "never" else _rows(args.on_disk_from)
+    if args.nprobe is not None and args.nprobe < 1:
+        raise InputError("index: --nprobe must be at least 1")
     meta = build_index(args.output, text=args.text, rejected=args.rejected, memory=memory, kind=args.kind,
-                       factory=args.factory, target_recall=args.target_recall)
+                       factory=args.factory, target_recall=args.target_recall, on_disk_from=on_disk_from,
+                       nprobe=args.nprobe)
     sys.stdout.write(describe(meta) + "\n")
+    from curate.dup_groups import summary  # the table `curate serve` pages duplicate groups from (issue #28)
+
+    sys.stdout.write(summary(args.output) + "\n")
     return 0
+
+
+def _rows(value: str) -> int:
+    """``--on-disk-from``: a number of rows (``1000000``, ``1e6``, ``1_000_000``)."""
+    try:
+        n = float(value.replace("_", ""))
+    except ValueError:
+        raise InputError(f"index: --on-disk-from: not a number of rows: {value!r} (or 'never')") from None
+    if not 0 <= n < 1e15 or n != int(n):
+        raise InputError(f"index: --on-disk-from: not a number of rows: {value!r} (or 'never')")
+    return int(n)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -70,7 +99,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from curate.search import search
 
     table = search(args.output, text=args.text, image=args.image, uid=args.uid, k=args.k, where=args.where,
-                   view=args.view, modality=args.modality)
+                   view=args.view, modality=args.modality, nprobe=args.nprobe)
     cols = [c.strip() for c in args.columns.split(",") if c.strip()]
     missing = [c for c in cols if c not in table.column_names]
     if missing and table.num_rows:

@@ -5,6 +5,9 @@
   ``efSearch = max(2 * nprobe, 64)``.
 * HNSW indices: ``efSearch``.
 
+``nprobe`` can also be fixed at build time (``curate index --nprobe``) or per search
+(``curate search --nprobe``).
+
 :func:`tune` tries increasing values on the recall queries and keeps the smallest one whose
 recall@k against the exact top-k reaches the target (else the largest tried).
 """
@@ -56,14 +59,18 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) if hits else 1.0
 
 
-def tune(index, queries: np.ndarray, truth: np.ndarray, k: int, target: float) -> tuple[dict[str, Any], float]:
-    """(params, recall@k): the cheapest setting reaching ``target`` (see the module doc)."""
+def tune(index, queries: np.ndarray, truth: np.ndarray, k: int, target: float,
+         nprobe: int | None = None) -> tuple[dict[str, Any], float]:
+    """(params, recall@k): the cheapest setting reaching ``target`` (see the module doc); ``nprobe`` given:
+    that many lists (at most nlist), only ``k_factor`` tuned."""
     import faiss
 
     ivf = faiss.try_extract_index_ivf(index)
     factors = K_FACTORS if hasattr(faiss.downcast_index(index), "k_factor") else (None,)
     if ivf is not None:
         probes = [p for p in NPROBES if p < ivf.nlist] + [ivf.nlist]
+        if nprobe is not None:
+            probes = [max(1, min(int(nprobe), ivf.nlist))]
         grid = [{"nprobe": p, **({"k_factor": f} if f else {})} for p in probes for f in factors]
     elif _hnsw(index) is not None:
         grid = [{"efSearch": e} for e in EF_SEARCH]

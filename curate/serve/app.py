@@ -1,8 +1,10 @@
 """``curate serve``: the web app (FastAPI on uvicorn, Jinja2 templates, no JavaScript framework).
 
 Pages: ``/rows/kept`` and ``/rows/rejected`` (image grids, filters by reason, stage, score range and
-an SQL condition, paginated), ``/search`` (text, similar-image upload, similar-to-row), ``/duplicates``
-(groups) and ``/duplicates/{uid}``, ``/sql`` (read-only SQL box); ``POST /subset`` saves the current
+an SQL condition, orders; paginated at any depth: ``page=N`` or ``page=last``, ``after=`` / ``before=``
+cursors, ``goto=N`` from the jump form), ``/search`` (text, similar-image upload, similar-to-row),
+``/duplicates`` (a table of groups), ``/duplicate-groups`` (each group's kept image beside its copies)
+and ``/duplicates/{uid}``, ``/sql`` (read-only SQL box); ``POST /subset`` saves the current
 view as a complete curate output (refilter) or a DataComp uid file under the subsets folder;
 ``/thumb/{view}/{file}/{row}`` serves JPEG thumbnails of the stored image bytes.
 
@@ -28,6 +30,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD = 20 << 20
 PER_PAGE = 48
+GROUP_PAGE = 48  # copies shown per page of one duplicate group
 
 
 def _float(v: str | None) -> float | None:
@@ -73,6 +76,7 @@ def create_app(output: str | Path, subsets_dir: str | Path | None = None, allowe
 
     def render(request: Request, name: str, status: int = 200, **ctx: Any):
         ctx.setdefault("output", str(ex.layout.root))
+        ctx.setdefault("refresh", False)
         return tpl.TemplateResponse(request, name, ctx, status_code=status)
 
     def error(request: Request, status: int, message: str):
@@ -117,16 +121,48 @@ def create_app(output: str | Path, subsets_dir: str | Path | None = None, allowe
 
     @app.get("/rows/{view}", response_class=HTMLResponse)
     def rows(request: Request, view: str, reason: str = "", stage: str = "", metric: str = "", lo: str = "",
-             hi: str = "", where: str = "", order: str = "", page: str = "0", per: str = str(PER_PAGE)):
+             hi: str = "", where: str = "", order: str = "", page: str = "0", per: str = str(PER_PAGE),
+             after: str = "", before: str = "", goto: str = ""):
         if view not in ("kept", "rejected"):
             raise HTTPException(404, f"no view {view[:40]}")
         flt = ex.filter(reason=reason[:200], stage=stage[:200], metric=metric[:100], lo=_float(lo), hi=_float(hi),
                         where=where)
-        p, n = _int(page, 0, 0, 10 ** 9), _int(per, PER_PAGE, 1, 200)
-        items, total = ex.page(view, flt, p, n, order[:120])
+        last = page.strip() == "last"
+        p, n = (0 if last else _int(page, 0, 0, 10 ** 9)), _int(per, PER_PAGE, 1, 200)
+        if goto.strip():  # the jump form: 1-based
+            p, last, after, before = max(0, _int(goto, 1, 1, 10 ** 9) - 1), False, "", ""
+        items, w = ex.browse(view, flt, n, order[:120], page=p, after=after[:2000], before=before[:2000], last=last)
         params = dict(reason=reason, stage=stage, metric=metric, lo=lo, hi=hi, where=where, order=order, per=per)
-        return render(request, "rows.html", view=view, items=items, total=total, page=p, per=n, params=params,
-                      facets=ex.facets(view), numeric=ex.numeric, last=max(0, (total - 1) // n))
+        mode = "sorted" if order else "filtered" if (reason or stage or where.strip() or (
+            metric and (lo.strip() or hi.strip()))) else "storage"
+        pager = _pager(w, n, params, mode)
+        return render(request, "rows.html", view=view, items=items, total=w.total, params=params, nav=pager,
+                      window=w, mode=mode, facets=ex.facets(view), numeric=ex.numeric,
+                      refresh=bool(w.pending))
+
+    def _pager(w, per: int, params: dict[str, Any], mode: str) -> dict[str, Any]:
+        """Links of a rows page: page numbers in storage order, cursors (keyset) in filtered and sorted views."""
+        first = w.first
+        page_no = first // per if first is not None else None
+        last_no = max(0, (w.total - 1) // per) if w.total is not None else None
+        links: dict[str, Any] = {}
+        if w.has_prev:
+            links["first"] = {**params, "page": 0}
+            if mode == "storage" and first is not None and first % per == 0:
+                links["prev"] = {**params, "page": page_no - 1}
+            else:
+                links["prev"] = {**params, "before": w.before}
+        if w.has_next:
+            if mode == "storage" and first is not None and first % per == 0:
+                links["next"] = {**params, "page": page_no + 1}
+            else:
+                links["next"] = {**params, "after": w.after}
+            links["last"] = {**params, "page": "last"}
+        shown = len(w.files)
+        return {"page": page_no, "last": last_no, "links": links, "first_row": first + 1 if first is not None else None,
+                "last_row": (first + shown) if first is not None else None, "shown": shown,
+                "jump": True,
+                "counted": w.counted}
 
     @app.get("/thumb/{view}/{file}/{row}")
     def thumb(view: str, file: str, row: int):
@@ -190,17 +226,48 @@ def create_app(output: str | Path, subsets_dir: str | Path | None = None, allowe
         return _results(request, table, query)
 
     @app.get("/duplicates", response_class=HTMLResponse)
-    def duplicates(request: Request, page: str = "0"):
-        p = _int(page, 0, 0, 10 ** 9)
+    def duplicates(request: Request, page: str = "0", goto: str = ""):
+        p = _int(page, 0, 0, 10 ** 9) if not goto.strip() else max(0, _int(goto, 1, 1, 10 ** 9) - 1)
         groups, total = ex.duplicate_groups(p, 100)
-        return render(request, "duplicates.html", groups=groups, total=total, page=p, last=max(0, (total - 1) // 100))
+        if total < 0:
+            return render(request, "message.html", title="duplicate groups", refresh=True,
+                          message="writing the duplicate-groups table (once for these files); this page reloads")
+        last = max(0, (total - 1) // 100)
+        if p > last:
+            p = last
+            groups, total = ex.duplicate_groups(p, 100)
+        return render(request, "duplicates.html", groups=groups, total=total, page=p, last=last)
+
+    @app.get("/duplicate-groups", response_class=HTMLResponse)
+    def duplicate_gallery(request: Request, page: str = "0", per: str = "20", shown: str = "12", goto: str = ""):
+        p, n, k = _int(page if page != "last" else "0", 0, 0, 10 ** 9), _int(per, 20, 1, 100), _int(shown, 12, 1, 100)
+        if goto.strip():  # the jump form: 1-based
+            p, page = max(0, _int(goto, 1, 1, 10 ** 9) - 1), ""
+        got = ex.duplicate_gallery(p, n, k)
+        if got is None:
+            return render(request, "message.html", title="duplicate groups", refresh=True,
+                          message="writing the duplicate-groups table (once for these files); this page reloads")
+        groups, total = got
+        last = max(0, (total - 1) // n)
+        if page == "last" or p > last:
+            p = last
+            groups, total = ex.duplicate_gallery(p, n, k)
+        params = {"per": n, "shown": k}
+        return render(request, "dup_gallery.html", groups=groups, total=total, page=p, last=last, params=params)
 
     @app.get("/duplicates/{uid}", response_class=HTMLResponse)
-    def duplicate_group(request: Request, uid: str):
-        keeper, members = ex.duplicate_group(uid[:1000])
-        if not keeper and not members:
+    def duplicate_group(request: Request, uid: str, page: str = "0"):
+        p = _int(page, 0, 0, 10 ** 9)
+        if ex.duplicate_table() is None:
+            return render(request, "message.html", title="duplicate group", refresh=True,
+                          message="writing the duplicate-groups table (once for these files); this page reloads")
+        got = ex.duplicate_group_page(uid[:1000], p * GROUP_PAGE, GROUP_PAGE)
+        if got is None:
             raise HTTPException(404, "no such duplicate group")
-        return render(request, "group.html", uid=uid, keeper=keeper, members=members)
+        group, keeper, members = got
+        last = max(0, (group["members"] - 1) // GROUP_PAGE)
+        return render(request, "group.html", uid=uid, keeper=keeper, members=members, group=group, page=p,
+                      last=last, per=GROUP_PAGE)
 
     @app.get("/sql", response_class=HTMLResponse)
     def sql(request: Request, q: str = ""):
@@ -255,6 +322,7 @@ def serve(output: str | Path, host: str = "127.0.0.1", port: int = 8765, subsets
     except OSError as e:
         raise InputError(f"serve: cannot listen on {host}:{port}: {e.strerror or e}") from None
     port = sock.getsockname()[1]
+    sock.listen(2048)  # connections wait in the backlog from now on: the URL printed below answers at once
     hosts = [host, f"{host}:{port}"] + (["localhost", f"localhost:{port}", "127.0.0.1", f"127.0.0.1:{port}"]
                                         if host in ("127.0.0.1", "localhost", "::1") else [])
     app = create_app(output, subsets_dir, allowed_hosts=None if host in ("0.0.0.0", "::") else hosts)
