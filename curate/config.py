@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,21 +60,14 @@ class OutputConfig(_Strict):
                                  "memory: image bytes, embeddings, text...) in one row group of data/ and "
                                  "rejected/; whichever of row_group_rows and this is hit first ends a group, so "
                                  "large images make more, smaller groups; a larger single row is a group alone")
-    work_path: str | None = Field(None, description="folder for the intermediate work (shards between segments, "
-                                  "done markers, global states); default OUTPUT/_work, or for an output on "
-                                  "object storage a local folder named by its URI (~/.cache/curate/work/HASH). "
-                                  "A resume needs the same folder; on a multi-node Ray cluster, a shared one")
+    work_path: str | None = Field(None, description="folder for the intermediate work (ingest bases, shards "
+                                  "between segments, fit views, done markers, global states): a local folder or "
+                                  "a URI (s3://bucket/prefix, any fsspec filesystem); default OUTPUT/_work, on "
+                                  "object storage too, so that every node of a cluster sharing only a bucket "
+                                  "sees the same work. A resume needs the same folder")
     keep_work: bool = Field(True, description="keep the intermediate shards under _work/ after the run, so "
                             "that a re-run with changed later stages reuses the segments before them "
                             "(false: delete them; a re-run then redoes everything)")
-
-    @field_validator("work_path")
-    @classmethod
-    def _local_work(cls, v: str | None) -> str | None:
-        if v and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", v) and not v.startswith("file://"):
-            raise ValueError("output.work_path must be a local or shared folder (the deliverables may go to "
-                             "object storage through output.path; the work folder is read and written by rename)")
-        return v
 
 
 class StorageConfig(_Strict):

@@ -21,7 +21,9 @@ def ray_map(fn: Callable[[Any], Any], items: list[Any], num_cpus: float = 1.0, n
 
     if not items:
         return []
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
+    from curate.io import fs
+
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, **fs.ray_env())(fn)
     return ray.get([remote.remote(x) for x in items])
 
 
@@ -29,8 +31,10 @@ def ray_map(fn: Callable[[Any], Any], items: list[Any], num_cpus: float = 1.0, n
 class FitContext:
     #: parquet files holding every row (rejected ones too) that reaches the stage
     paths: list[str]
-    #: a directory private to this stage where it may write its state (kept for resume)
-    work_dir: Path
+    #: a directory private to this stage where it may write its state (kept for resume): a local ``Path`` or
+    #: a ``UPath`` on object storage (read and write it with :mod:`curate.io.fs`; tasks get ``str(path)``
+    #: and turn it back with ``fs.as_path``)
+    work_dir: Any
     #: the runner that runs ``map`` (a ``Runner``: the runners pass themselves), or its kind for a context
     #: made without one (notebooks, tests): "local" (in this process) / "ray" (Ray already initialised)
     runner: Any = "local"

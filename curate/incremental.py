@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from typing import Any
 
 import pyarrow as pa
@@ -105,25 +104,25 @@ def invalidate(layout: Layout, prev: list[dict[str, Any]], k: int) -> None:
     """Remove the work of the previous run's segments ``k`` and later, and the output built from it.
 
     Segment ``k``'s fit view (``view-k``) stays: the unchanged segment ``k-1`` wrote it."""
-    found = {int(d.name.split("-")[1]) for pattern in ("seg-*", "view-*", "parts-*", "done/seg-*")
-             for d in layout.work.glob(pattern) if d.name.split("-")[1].isdigit()}
+    from curate.io import fs
+
+    found = {int(d.name.split("-")[1]) for folder, prefix in ((layout.work, "seg-"), (layout.work, "view-"),
+                                                             (layout.work, "parts-"), (layout.work / "done", "seg-"))
+             for d in fs.subdirs(folder, prefix) if d.name.split("-")[1].isdigit()}
     for j in sorted(j for j in found | set(range(k, len(prev))) if j >= k):
-        shutil.rmtree(layout.done(f"seg-{j}"), ignore_errors=True)
-        shutil.rmtree(layout.segment_out(j), ignore_errors=True)
-        shutil.rmtree(layout.parts(j), ignore_errors=True)
+        fs.remove(layout.done(f"seg-{j}"))
+        fs.remove(layout.segment_out(j))
+        fs.remove(layout.parts(j))
         if j > k:
-            shutil.rmtree(layout.work / f"view-{j}", ignore_errors=True)
-        if layout.timing.is_dir():
-            for f in layout.timing.glob(f"seg{j}-*.json"):
-                f.unlink(missing_ok=True)
+            fs.remove(layout.work / f"view-{j}")
+        for f in fs.listdir(layout.timing, prefix=f"seg{j}-", suffix=".json"):
+            fs.remove(f)
     for rec in prev[k:]:  # states of the redone global stages (a stage moved after k is in prev[k:] too)
         for sid, _, _ in rec["stages"]:
-            shutil.rmtree(layout.state(sid), ignore_errors=True)
-            (layout.timing / f"fit-{sid}.json").unlink(missing_ok=True)
-    from curate.io.remote import remove
-
+            fs.remove(layout.state(sid))
+            fs.remove(layout.timing / f"fit-{sid}.json")
     for p in (layout.data, layout.rejected, layout.stats, layout.report):
-        remove(p)
+        fs.remove(p)
 
 
 def describe(records: list[dict[str, Any]], k: int, prev: list[dict[str, Any]]) -> list[str]:

@@ -2,8 +2,10 @@
 
 ``root`` is a local ``Path`` or, for an output on object storage, a ``UPath`` (``s3://...``): the
 deliverables (``data/``, ``rejected/``, ``stats.json``, the report, the resolved config) go there.
-The work folder (intermediate shards, done markers, global states) is ``root/_work`` for a local
-output and a local (or shared) folder ``work_dir`` for one on object storage (``output.work_path``).
+The work folder (intermediate shards, fit views, done markers, global states) is ``root/_work`` -- on object
+storage too, so every node of a cluster that shares only a bucket sees the same work -- or ``work_dir``
+(``output.work_path``: a local folder or a URI).  Its paths are local ``Path``s or ``UPath``s alike (read and
+written through :mod:`curate.io.fs`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Layout:
     root: Any  # Path | UPath
-    work_dir: Path | None = None
+    work_dir: Any = None  # Path | UPath | None
 
     @property
     def data(self) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate import registry
 from curate import schema as S
 from curate.config import Config, ConfigError, load_config
+from curate.dup_groups import write_after_run
 from curate.ingest import STAGE_ID as INPUT_ID
 from curate.ingest import ShardInfo, check_input
 from curate.io.files import InputError, list_input_files, write_bytes_atomic, write_json_atomic, write_text_atomic
@@ -52,15 +51,15 @@ class RunResult:
 
 def output_layout(config: Config) -> Layout:
     """Where the run writes: ``output.path`` (local, or a URI: the deliverables go to object storage)
-    and the work folder (``output.work_path``; default ``OUTPUT/_work``, or for a URI a local folder
-    named by its hash, see ``curate.io.remote.default_work_dir``)."""
-    from curate.io.remote import default_work_dir, is_uri, output_root
+    and the work folder (``output.work_path``, local or a URI; default ``OUTPUT/_work``, on object storage
+    too).  Sets the process's storage options (:func:`curate.io.fs.set_storage`) for the paths that travel."""
+    from curate.io import fs
 
+    fs.set_storage(config.storage)
     spec = config.output.path
-    root = output_root(spec, config.storage)
-    work = Path(config.output.work_path).expanduser().resolve() if config.output.work_path else None
-    if work is None and is_uri(spec):
-        work = default_work_dir(str(root))
+    root = fs.as_path(str(spec)) if fs.is_uri(str(spec)) else Path(spec).expanduser().resolve()
+    wp = config.output.work_path
+    work = None if not wp else fs.as_path(wp) if fs.is_uri(wp) else Path(wp).expanduser().resolve()
     return Layout(root, work)
 
 
@@ -100,6 +99,7 @@ def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any]) -> 
     for another config with ``output.overwrite``).
     """
     from curate.incremental import base_fingerprint
+    from curate.io import fs
     from curate.io.remote import is_remote, remove
 
     h = config.work_hash()
@@ -119,9 +119,9 @@ def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any]) -> 
                         layout.root, change)
         elif config.output.overwrite:
             log.warning("%s was made with another config; starting over (output.overwrite)", layout.root)
-        elif prev.get("base") == base and layout.ingest.is_dir():
+        elif prev.get("base") == base and fs.exists(layout.ingest):
             log.info("%s was made with another config: re-running the segments that changed", layout.root)
-            (layout.work / "output_schema.arrow").unlink(missing_ok=True)  # rebuilt for the new stages
+            fs.remove(layout.work / "output_schema.arrow")  # rebuilt for the new stages
             return prev
         else:
             log.warning("%s was made with other input settings, another curate version, or its work folder "
@@ -174,7 +174,9 @@ def _plan_segments(config: Config, layout: Layout, prev: dict[str, Any] | None, 
 def output_schema(ingest_paths: list[str], stages: list[Stage]) -> pa.Schema:
     carried: list[pa.Field] = []
     seen = set(S.BASE_COLUMNS) | set(S.REJECT_COLUMNS)
-    schemas = [pq.read_schema(p) for p in ingest_paths]
+    from curate.io import fs
+
+    schemas = [fs.read_schema(p) for p in ingest_paths]
     merged = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
     for f in merged:
         if f.name not in seen and not S.is_internal(f.name):
@@ -191,9 +193,11 @@ def output_schema(ingest_paths: list[str], stages: list[Stage]) -> pa.Schema:
 
 
 def _load_or_build_schema(layout: Layout, shards: list[ShardInfo], stages: list[Stage]) -> pa.Schema:
+    from curate.io import fs
+
     path = layout.work / "output_schema.arrow"
-    if path.exists():
-        return pa.ipc.read_schema(pa.py_buffer(path.read_bytes()))
+    if fs.exists(path):
+        return pa.ipc.read_schema(pa.py_buffer(fs.read_bytes(path)))
     schema = output_schema([s.path for s in shards], stages)
     write_bytes_atomic(schema.serialize().to_pybytes(), path)
     return schema
@@ -237,6 +241,7 @@ def execute(config: Config) -> RunResult:
     if not config.output.keep_work:
         _cleanup(layout, n_seg)
     _write_report(layout)
+    write_after_run(layout.root)  # the duplicate-groups table curate serve pages through
     return RunResult(layout.root, stats, [{"index": r["index"], "stages": [st[0] for st in r["stages"]],
                                            "reused": r["reused"]} for r in plan], layout.work_dir)
 
@@ -249,7 +254,8 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
     stage's ``fit`` reads the per-shard views the previous segment wrote (segment 0: the ingest shards).
     """
     from curate.incremental import view_columns
-    from curate.runners.flow import live_count, view_path
+    from curate.io import fs
+    from curate.runners.flow import done_shards, live_count, view_path
 
     base = {s.shard: s.path for s in shards}
     for seg in segments:
@@ -257,7 +263,8 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
         job = SegmentJob(seg, {}, {}, final, layout, schema, stage_ids, config.output.compression,
                          view_columns(segments, schema, seg.index), config.output.row_group_rows,
                          config.output.row_group_bytes)
-        pending = [sh for sh in base if not job.done_marker(sh).exists()]
+        finished = done_shards(layout, seg.index)  # one listing, not a request per shard
+        pending = [sh for sh in base if sh not in finished]
         if not pending:
             continue
         if seg.index == 0:
@@ -265,7 +272,7 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
             fit_inputs = dict(base)
         else:
             prev = layout.done(f"seg-{seg.index - 1}")
-            entering = {sh: json.loads((prev / f"{sh}.json").read_text())["live"] for sh in base}
+            entering = {sh: json.loads(fs.read_bytes(prev / f"{sh}.json"))["live"] for sh in base}
             fit_inputs = {sh: str(view_path(layout, seg.index, sh)) for sh in base}
         if seg.head is not None:
             runner.fit(seg.head, fit_inputs, sum(entering.values()), layout)
@@ -281,11 +288,13 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
 def _cleanup(layout: Layout, n_segments: int) -> None:
     """``output.keep_work: false``: drop the intermediate shards (done markers and states stay); a
     re-run with another config then redoes every segment."""
-    shutil.rmtree(layout.ingest, ignore_errors=True)
+    from curate.io import fs
+
+    fs.remove(layout.ingest)
     for k in range(n_segments + 1):
-        shutil.rmtree(layout.segment_out(k), ignore_errors=True)
-        shutil.rmtree(layout.parts(k), ignore_errors=True)
-        shutil.rmtree(layout.work / f"view-{k}", ignore_errors=True)
+        fs.remove(layout.segment_out(k))
+        fs.remove(layout.parts(k))
+        fs.remove(layout.work / f"view-{k}")
 
 
 def _write_report(layout: Layout) -> None:

@@ -71,21 +71,29 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     """``ray.init`` for the duration of a run; reuse an already initialised Ray (tests, notebooks)."""
     import ray
 
-    if ray.is_initialized():
+    from curate.io import fs
+
+    if ray.is_initialized():  # its workers may lack the run's storage settings: tasks carry them (fs.ray_env)
         yield
         return
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        storage_env = {fs.ENV: os.environ[fs.ENV]} if os.environ.get(fs.ENV) else {}
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+                 runtime_env={"env_vars": storage_env} if storage_env else None)
+        fs.ray_env_inherited = True
         try:
             yield
         finally:
+            fs.ray_env_inherited = False
             ray.shutdown()
         return
     temp_dir, home = start_local_ray(num_cpus=num_cpus, num_gpus=num_gpus,
                                      object_store_memory=object_store_memory)
+    fs.ray_env_inherited = True  # the workers inherit this process's environment
     try:
         yield
     finally:
+        fs.ray_env_inherited = False
         ray.shutdown()
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(temp_dir, ignore_errors=True)

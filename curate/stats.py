@@ -58,16 +58,24 @@ def run_summary(rows: int, stages: list[dict[str, Any]], **facts: Any) -> dict[s
             "rejected_by_reason": dict(reasons.most_common()), **facts}
 
 
-def _sum_seconds(layout: Layout) -> dict[str, float]:
+def _markers(layout: Layout) -> dict[str, list[dict[str, Any]]]:
+    """Every done marker of the segments (``seg-K`` -> the markers of its shards), each read once."""
+    from curate.io import fs
+
+    return {d.name: [fs.read_json(f) for f in fs.listdir(d, suffix=".json")]
+            for d in fs.subdirs(layout.work / "done", "seg-")}
+
+
+def _sum_seconds(layout: Layout, markers: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    from curate.io import fs
+
     seconds: dict[str, float] = defaultdict(float)
-    if layout.timing.exists():
-        for f in layout.timing.glob("*.json"):
-            for k, v in json.loads(f.read_text()).items():
-                seconds[k] += float(v)
-    done = layout.work / "done"
-    if done.exists():
-        for f in done.glob("seg-*/*.json"):
-            for k, v in (json.loads(f.read_text()).get("seconds") or {}).items():
+    for f in fs.listdir(layout.timing, suffix=".json"):
+        for k, v in fs.read_json(f).items():
+            seconds[k] += float(v)
+    for infos in markers.values():
+        for info in infos:
+            for k, v in (info.get("seconds") or {}).items():
                 seconds[k] += float(v)
     return seconds
 
@@ -81,14 +89,15 @@ def build_stats(layout: Layout, stage_ids: list[str], stages: list, config: Any,
     rejected: dict[str, Counter] = defaultdict(Counter)
     errors: dict[str, Counter] = defaultdict(Counter)
     rows = shards = 0
-    for f in sorted(layout.done(f"seg-{final_segment}").glob("*.json")):
-        info = json.loads(f.read_text())["stats"]
+    markers = _markers(layout)
+    for marker in markers.get(f"seg-{final_segment}", []):
+        info = marker["stats"]
         shards += 1
         rows += info["rows"]
         for st in info["stages"]:
             rejected[st["id"]].update(st["rejected"])
             errors[st["id"]].update(st["errors"])
-    seconds = _sum_seconds(layout)
+    seconds = _sum_seconds(layout, markers)
     described = {s.id: s for s in stages}
 
     def extra(sid: str) -> dict[str, Any]:

@@ -47,8 +47,6 @@ def free_port() -> int:
 
 _LEAKED = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_CLIENT_MODE", "RAY_ADDRESS",
            "PYTHONBREAKPOINT")
-for _k in _LEAKED:  # this script's own Python API run must not inherit them either
-    os.environ.pop(_k, None)
 
 
 def cluster_env(home: Path, netguard_log: Path | None) -> dict[str, str]:
@@ -202,6 +200,8 @@ def main() -> int:
     ap.add_argument("--netguard", action="store_true", help="record/block non-loopback traffic of every Ray process")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for both runs")
     a = ap.parse_args()
+    for key in _LEAKED:  # this script's own Python API run must not inherit them either (not done at import:
+        os.environ.pop(key, None)  # tests/ray_sharenothing.py imports this module into the pytest process)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a test timing out: still tear the cluster down
     t_start = time.monotonic()
     a.work.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ Memory and speed are measured by bench/dedup.py and bench/dedup_scale.py, not as
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest

@@ -117,10 +117,11 @@ def light_ref(demo_input, tmp_path_factory):
     return curate.run(_light(demo_config(demo_input, tmp_path_factory.mktemp("ref") / "out"))).output
 
 
-def _s3_config(endpoint: str, inp: str, out: str, work, **over) -> dict:
+def _s3_config(endpoint: str, inp: str, out: str, work=None, **over) -> dict:
     cfg = _light(demo_config(inp, out, **over))  # type: ignore[arg-type]
     cfg["input"]["path"], cfg["output"]["path"] = inp, out
-    cfg["output"]["work_path"] = str(work)
+    if work is not None:
+        cfg["output"]["work_path"] = str(work)
     cfg["storage"] = {"endpoint_url": endpoint}
     return cfg
 
@@ -134,15 +135,23 @@ def test_demo_from_s3_to_s3_on_both_runners_and_the_tools_read_it(s3, demo_input
 
     endpoint, fs = s3
     _upload(fs, pq.read_table(demo_input), "demo/in/demo.parquet")
-    for kind in ("local", "ray"):
-        uri = f"s3://{BUCKET}/demo/out-{kind}"
-        res = curate.run(_s3_config(endpoint, f"s3://{BUCKET}/demo/in/", uri, tmp_path / f"work-{kind}",
-                                    **{"runner.kind": kind}))
+    # the work folder: local (explicit), a URI of its own (explicit), and by default OUTPUT/_work on the store
+    for kind, work in (("local", tmp_path / "work-local"), ("local", f"s3://{BUCKET}/demo/work-uri"),
+                       ("ray", None)):
+        name = kind if work is None or not str(work).startswith("s3:") else "uri"
+        uri = f"s3://{BUCKET}/demo/out-{name}"
+        res = curate.run(_s3_config(endpoint, f"s3://{BUCKET}/demo/in/", uri, work, **{"runner.kind": kind}))
         assert str(res.output) == uri
-        keys = {k.split("/out-" + kind + "/", 1)[1] for k in fs.find(f"{BUCKET}/demo/out-{kind}")}
+        keys = {k.split("/out-" + name + "/", 1)[1] for k in fs.find(f"{BUCKET}/demo/out-{name}")}
         assert {"stats.json", "report.html", "config.resolved.yaml"} <= keys
-        assert not [k for k in keys if k.startswith("_work") or k.endswith(".tmp")]  # work stays local
-        assert (tmp_path / f"work-{kind}" / "run.json").exists()
+        assert not [k for k in keys if k.endswith(".tmp")]
+        if work is None:  # every step's work is in the bucket: bases, groups, views, markers, states
+            assert "_work/run.json" in keys and any(k.startswith("_work/state/") for k in keys)
+            assert any(k.startswith("_work/view-") for k in keys) and any(k.startswith("_work/ingest/") for k in keys)
+        elif name == "uri":
+            assert fs.exists(f"{BUCKET}/demo/work-uri/run.json") and not [k for k in keys if k.startswith("_work")]
+        else:
+            assert (work / "run.json").exists() and not [k for k in keys if k.startswith("_work")]
         for sub in ("data", "rejected"):
             got = _s3_rows(fs, f"{BUCKET}/demo/out-{kind}/{sub}")
             assert rows_by_uid(got) == rows_by_uid(read_dir(light_ref / sub)), f"{kind}: {sub}/ differs"
@@ -188,17 +197,16 @@ def test_kill_and_resume_with_the_output_on_s3(s3, demo_input, light_ref, tmp_pa
 
     endpoint, fs = s3
     _upload(fs, pq.read_table(demo_input), "resume/in/demo.parquet")
-    work = tmp_path / "work"
-    uri = f"s3://{BUCKET}/resume/out"
+    uri = f"s3://{BUCKET}/resume/out"  # its work folder: resume/out/_work in the bucket
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(_s3_config(endpoint, f"s3://{BUCKET}/resume/in/", uri, work,
+    cfg_path.write_text(yaml.safe_dump(_s3_config(endpoint, f"s3://{BUCKET}/resume/in/", uri,
                                                   **{"input.shard_size": 20})))
     cmd = [sys.executable, "-m", "curate.cli", "run", str(cfg_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
 
     def done() -> int:
-        return len(list((work / "done").glob("seg-*/*.json")))
+        return len(fs.find(f"{BUCKET}/resume/out/_work/done/", prefix="seg-"))
 
     while done() < 3 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -206,6 +214,8 @@ def test_kill_and_resume_with_the_output_on_s3(s3, demo_input, light_ref, tmp_pa
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not fs.exists(f"{BUCKET}/resume/out/stats.json")
+    assert not [k for k in fs.find(f"{BUCKET}/resume/out") if k.endswith(".tmp")]
+    assert not list(tmp_path.glob("**/*.parquet"))  # nothing of the run on the local disk: it resumes from the bucket
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming the run" in res.stderr
@@ -243,18 +253,17 @@ def test_a_failed_upload_leaves_no_object(s3):
     assert fs.cat(f"{BUCKET}/atomic/shard.parquet") == b"whole"
 
 
-def test_the_work_folder_must_be_a_filesystem_and_a_uri_output_gets_its_own(tmp_path, monkeypatch):
+def test_the_work_folder_may_be_a_uri_and_a_uri_output_keeps_its_work_beside_it(tmp_path):
     from curate.config import Config
     from curate.pipeline import output_layout
 
     base = {"input": {"path": "in.parquet"}, "stages": []}
-    with pytest.raises(ValueError, match="work_path must be a local or shared folder"):
-        Config.model_validate({**base, "output": {"path": "s3://b/o", "work_path": "s3://b/w"}})
-    monkeypatch.setenv("CURATE_WORK_HOME", str(tmp_path / "home"))
     a = output_layout(Config.model_validate({**base, "output": {"path": "s3://b/one"}}))
     b = output_layout(Config.model_validate({**base, "output": {"path": "s3://b/two/"}}))
-    assert str(a.root) == "s3://b/one" and a.work.parent == tmp_path / "home" and a.work != b.work
-    assert a.data == a.root / "data" and not str(a.work).startswith("s3:")
+    assert str(a.root) == "s3://b/one" and str(a.work) == "s3://b/one/_work" and str(b.work) == "s3://b/two/_work"
+    assert a.data == a.root / "data"
+    w = output_layout(Config.model_validate({**base, "output": {"path": "s3://b/o", "work_path": "s3://b/w/"}}))
+    assert str(w.work) == "s3://b/w" and str(w.done("seg-0")) == "s3://b/w/done/seg-0"
     local = output_layout(Config.model_validate({**base, "output": {"path": str(tmp_path / "o")}}))
     assert local.work == tmp_path / "o" / "_work"  # a local output keeps its _work/
     same = Config.model_validate({**base, "output": {"path": "s3://b/one", "work_path": str(tmp_path / "w")}})

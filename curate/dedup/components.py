@@ -21,15 +21,13 @@ the end the partition of a component's centre holds that whole component (its st
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate.dedup import store
+from curate.io import fs
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +41,14 @@ def node_partition(ids: np.ndarray, parts: int) -> np.ndarray:
     return ((h >> np.uint64(32)) % np.uint64(parts)).astype(np.int64)
 
 
-def _write(u: np.ndarray, v: np.ndarray, out: Path, parts: int, name: str) -> None:
+def _write(u: np.ndarray, v: np.ndarray, out: Any, parts: int, name: str) -> None:
     """Edges ``(u, v)`` into ``out/pNNNNN/name.parquet`` by the partition of ``u``."""
     if len(u):
         store.write_partitioned(pa.table({"u": pa.array(u, pa.uint64()), "v": pa.array(v, pa.uint64())}),
                                 node_partition(u, parts), out, name)
 
 
-def write_adjacency(x: np.ndarray, y: np.ndarray, out: Path, parts: int, name: str) -> None:
+def write_adjacency(x: np.ndarray, y: np.ndarray, out: Any, parts: int, name: str) -> None:
     """Undirected edges ``{x, y}`` in adjacency form (both directions) under ``out``."""
     _write(np.concatenate([x, y]), np.concatenate([y, x]), out, parts, name)
 
@@ -59,7 +57,7 @@ def _read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Distinct edges ``(u, v)`` of a partition without self-loops, sorted by ``(u, v)``."""
     if not files:
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    t = pa.concat_tables([pq.read_table(f) for f in files])
+    t = pa.concat_tables(store.read_files(files))
     u, v = t["u"].to_numpy(), t["v"].to_numpy()
     keep = u != v
     u, v = u[keep], v[keep]
@@ -77,44 +75,46 @@ def _groups(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _large_star(args: tuple[str, int, int, str, str]) -> int:
     in_dir, p, parts, out, name = args
-    u, v = _read(store.partition_files(Path(in_dir), p))
+    u, v = _read(store.partition_files(in_dir, p))
     start, gid = _groups(u)
     m = np.minimum(u[start], v[start])[gid]  # v sorted within u: v[start] is the smallest neighbour
     up = v > u
-    _write(v[up], m[up], Path(out), parts, name)
+    _write(v[up], m[up], out, parts, name)
     return int(np.count_nonzero(m[up] != u[up]))
 
 
 def _small_star(args: tuple[str, int, int, str, str]) -> int:
     in_dir, p, parts, out, name = args
-    u, w = _read(store.partition_files(Path(in_dir), p))  # w < u: edges keyed by their larger end
+    u, w = _read(store.partition_files(in_dir, p))  # w < u: edges keyed by their larger end
     start, gid = _groups(u)
     m_g = w[start]
     m = m_g[gid]
     other = w != m
     x = np.concatenate([w[other], u[start]])
     y = np.concatenate([m[other], m_g])
-    write_adjacency(x, y, Path(out), parts, name)
+    write_adjacency(x, y, out, parts, name)
     sizes = np.diff(np.r_[np.flatnonzero(start), len(u)])
     return int(np.count_nonzero(sizes > 1))
 
 
-def components(ctx: Any, adjacency: Path, parts: int, work: Path) -> Path:
+def components(ctx: Any, adjacency: Any, parts: int, work: Any) -> Any:
     """Run Large-Star / Small-Star rounds from the adjacency-form edges under ``adjacency`` until no
-    edge changes; returns the directory of the final stars (adjacency form, same partitioning)."""
+    edge changes; returns the directory of the final stars (adjacency form, same partitioning).
+    Folders: local paths or ``UPath``s (:mod:`curate.io.fs`)."""
+    adjacency, work = fs.as_path(adjacency), fs.as_path(work)
     current = adjacency
     for r in range(MAX_ROUNDS):
         keyed, nxt = work / f"r{r:05d}-keyed", work / f"r{r:05d}-stars"
         for d in (keyed, nxt):
-            shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
+            fs.remove(d)
+            fs.makedirs(d)
         changed = sum(ctx.map(_large_star, [(str(current), p, parts, str(keyed), f"t{p:05d}")
                                                          for p in range(parts)]))
         changed += sum(ctx.map(_small_star, [(str(keyed), p, parts, str(nxt), f"t{p:05d}")
                                                           for p in range(parts)]))
-        shutil.rmtree(keyed, ignore_errors=True)
-        if current != adjacency:
-            shutil.rmtree(current, ignore_errors=True)
+        fs.remove(keyed)
+        if str(current) != str(adjacency):
+            fs.remove(current)
         current = nxt
         log.debug("connected components: round %d, %d edges changed", r, changed)
         if changed == 0:

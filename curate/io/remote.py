@@ -71,17 +71,6 @@ def output_root(spec: Any, storage: Any = None) -> Any:
     return Path(spec).expanduser().resolve()
 
 
-def default_work_dir(uri: str) -> Path:
-    """The local work folder of an output on object storage (``output.work_path`` unset):
-    ``$CURATE_WORK_HOME`` or ``~/.cache/curate/work``, then a hash of the output URI."""
-    import hashlib
-    import os
-
-    home = os.environ.get("CURATE_WORK_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "curate", "work")
-    return Path(home).expanduser().resolve() / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-
-
 def remove(path: Any) -> None:
     """Delete a file or a folder (recursively), local or on object storage; absent: nothing to do."""
     import shutil
@@ -103,11 +92,56 @@ def abort_upload(f: Any) -> None:
         f.closed = True
 
 
+_MEMO_CLASSES: dict[tuple[type, bool], type] = {}
+
+
+def memo_filesystem(fs: Any, listings: bool = False) -> Any:
+    """A private copy of the fsspec filesystem ``fs`` that remembers every file's info (size, ETag) it was
+    told, and with ``listings`` every folder listing, for its own life.  For a DuckDB connection: DuckDB asks
+    fsspec for a file's info about 14 times per file it reads (each one an S3 HEAD), and globs again on every
+    query.  Only what exists is remembered (a file written later is found); a connection is short-lived, and
+    the files it reads do not change under it (work files are written once, a finished output is read)."""
+    cls = type(fs)
+    key = (cls, listings)
+    if key not in _MEMO_CLASSES:
+        def _remember(name: str, lists: bool):
+            base = getattr(cls, name)
+            is_async = name.startswith("_")
+
+            if is_async:
+                async def method(self, path, *a, **kw):
+                    k = (name, self._strip_protocol(path) if isinstance(path, str) else str(path), a,
+                         tuple(sorted((x, str(y)) for x, y in kw.items())))
+                    if k not in self._curate_memo:
+                        self._curate_memo[k] = await base(self, path, *a, **kw)
+                    return self._curate_memo[k]
+            else:
+                def method(self, path, *a, **kw):
+                    k = (name, self._strip_protocol(path) if isinstance(path, str) else str(path), a,
+                         tuple(sorted((x, str(y)) for x, y in kw.items())))
+                    if k not in self._curate_memo:
+                        self._curate_memo[k] = base(self, path, *a, **kw)
+                    return self._curate_memo[k]
+            return method
+
+        names = ["_info", "info"] + (["_ls", "ls", "_lsdir", "_find", "find", "_glob", "glob", "_exists", "exists",
+                                      "_isdir", "isdir"] if listings else [])
+        attrs = {n: _remember(n, listings) for n in names if hasattr(cls, n)
+                 and (n.startswith("_") or not hasattr(cls, "_" + n))}  # async filesystems: their async method
+        _MEMO_CLASSES[key] = type(f"Memo{cls.__name__}", (cls,), attrs)
+    opts = dict(getattr(fs, "storage_options", {}) or {})
+    opts.pop("skip_instance_cache", None)
+    copy = _MEMO_CLASSES[key](skip_instance_cache=True, **opts)
+    copy._curate_memo = {}
+    return copy
+
+
 def register(con: Any, root: Any) -> None:
     """Let a DuckDB connection read ``root``'s files when they are on object storage (through fsspec:
-    DuckDB's own httpfs extension is not needed)."""
+    DuckDB's own httpfs extension is not needed).  The connection reads a finished output: its listings and
+    file infos are asked once (:func:`memo_filesystem`)."""
     if is_remote(root):
-        con.register_filesystem(root.fs)
+        con.register_filesystem(memo_filesystem(root.fs, listings=True))
 
 
 def list_files(spec: str, storage: Any, keep) -> list[Any]:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from curate.io import fs
 from curate.io.sql import arrow, sql_list
 
 POS = "__pos"
@@ -28,14 +28,15 @@ BASE = "curate.base"  # fit view metadata: the shard's base (its positions are r
 def _view_meta(path: str | Path, schema: pa.Schema | None = None) -> tuple[dict[str, list[str]], str | None]:
     """(column -> the files holding it, the base file) of a fit view; ({}, None) for a plain Parquet file.
     ``schema``: the file's schema when already read."""
-    md = (schema if schema is not None else pq.read_schema(path)).metadata or {}
+    md = (schema if schema is not None else fs.read_schema(path)).metadata or {}
     raw = md.get(REFS.encode())
     if not raw:
         return {}, None
-    work = Path(path).resolve().parent.parent
+    name = str(path) if fs.is_uri(path) else str(Path(path).resolve())
+    work = name.rsplit("/", 2)[0]  # the view is WORK/view-k/SHARD.parquet
 
-    def where(f: str) -> str:
-        return str(work / f) if not Path(f).is_absolute() else f
+    def where(f: str) -> str:  # names relative to the work folder (it may have moved); absolute ones as they are
+        return f if f.startswith("/") or fs.is_uri(f) else f"{work}/{f}"
 
     base = md.get(BASE.encode())
     return ({c: [where(f) for f in files] for c, files in json.loads(raw).items()},
@@ -49,11 +50,11 @@ def view_refs(path: str | Path) -> dict[str, list[str]]:
 
 def view_schema(path: str | Path) -> pa.Schema:
     """Schema of a fit input as its fit sees it: a view's referenced columns included."""
-    schema = pq.read_schema(path)
+    schema = fs.read_schema(path)
     cache: dict[str, pa.Schema] = {}
     for c, files in view_refs(path).items():
         if files[0] not in cache:
-            cache[files[0]] = pq.read_schema(files[0])
+            cache[files[0]] = fs.read_schema(files[0])
         schema = schema.append(cache[files[0]].field(c))
     return schema.remove_metadata()
 
@@ -81,7 +82,7 @@ def view_sql(path: str | Path, columns: list[str] | None = None) -> str:
     """A DuckDB subquery ``(SELECT ...)`` with the rows of a fit input in position order: for a view, its
     live rows, each column read from the base or column group holding it (joined by position); for a
     plain Parquet file, the file.  ``columns``: those (of :func:`view_schema`) only; None: all."""
-    own_schema = pq.read_schema(path)
+    own_schema = fs.read_schema(path)
     refs, base = _view_meta(path, own_schema)
     own = own_schema.names
     names = list(own) + [c for c in refs if c not in own] if columns is None else list(dict.fromkeys(columns))
@@ -118,6 +119,7 @@ def read_view(path: str | Path, columns: list[str] | None = None) -> pa.Table:
 
     schema = view_schema(path)
     con = duckdb.connect()
+    fs.register(con, [path])  # a work folder on object storage: DuckDB reads it through fsspec
     con.execute("SET threads = 1")  # fits read files in parallel tasks instead
     try:
         wanted = None if columns is None else [c for c in columns if c in schema.names]

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from curate.config import InputConfig
 from curate.ingest import ShardInfo, ingest_file
 from curate.context import FitContext
+from curate.io import fs
 from curate.io.files import InputError, write_bytes_atomic, write_json_atomic
 from curate.io.manifest import Entry, entry_change, file_entry, file_key
 from curate.io.remote import input_path
@@ -90,7 +91,7 @@ class Runner:
         if restore_state(stage, layout):
             return
         state_file = layout.state_file(stage.id)
-        state_file.parent.mkdir(parents=True, exist_ok=True)
+        fs.makedirs(state_file.parent)
         ctx = FitContext(sorted(inputs.values()), state_file.parent, self, self.parallelism, rows)
         t0 = time.perf_counter()
         stage.set_state(stage.fit(ctx))

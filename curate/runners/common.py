@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 from curate import schema as S
 from curate.io.files import ROW_GROUP_BYTES, ROW_GROUP_ROWS, write_json_atomic, write_parquet_atomic
 from curate.layout import Layout
-from curate.runners.flow import POS, ShardRows, live, read_group, view_sources, write_group, write_view
+from curate.runners.flow import (POS, ShardRows, group_columns, live, read_group, view_sources, write_group,
+                                 write_view)
 from curate.stage import GlobalStage, Stage, annotate_rejected
 from curate.stats import funnel
 
@@ -159,7 +160,9 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
     info: dict[str, Any] = {"shard": shard, "seconds": timing or {}}
     if not job.final:
         if table is not None:
-            write_group(job.layout, k, shard, table, job.segment.produces, job.compression)
+            path = write_group(job.layout, k, shard, table, job.segment.produces, job.compression)
+            if rows is not None:
+                rows.wrote(k, path, group_columns(table, job.segment.produces))
             n, after = table.num_rows, live(table)[POS]
         else:  # the parts are on disk: their positions and reject reasons tell which rows go on
             g = read_group(job.layout, k, shard, [S.REJECT_REASON])
@@ -168,7 +171,7 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
         if job.view_columns is not None:  # the next fit's view: live positions and where their columns are
             base = job.inputs[shard]
             write_view(job.layout, k + 1, shard, after, base, job.view_columns, job.schema, job.compression,
-                       view_sources(job.layout, k + 1, shard, base, job.view_columns))
+                       view_sources(job.layout, k + 1, shard, base, job.view_columns, rows))
         info.update(rows=n, live=len(after))
     else:
         rows = rows or job.rows(shard)

@@ -22,51 +22,62 @@ by their positions, so a retried write replaces its own part and duplicate rows 
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curate import schema as S
+from curate.io import fs
 from curate.io.files import write_parquet_atomic
 from curate.io.views import BASE, POS, REFS
 from curate.io.views import read_view, view_refs, view_schema  # noqa: F401 - their old names (tests import them)
 from curate.layout import Layout
 
 
-def group_files(layout: Layout, k: int, shard: str) -> list[Path]:
-    """The part files of segment ``k``'s column group of a shard, in position order."""
-    return sorted(layout.segment_out(k).glob(f"{glob.escape(shard)}~*.parquet"))
+def group_files(layout: Layout, k: int, shard: str) -> list[Any]:
+    """The part files of segment ``k``'s column group of a shard, in position order (one listing by prefix)."""
+    return fs.listdir(layout.segment_out(k), prefix=f"{shard}~", suffix=".parquet")
 
 
 def remove_group(layout: Layout, k: int, shard: str) -> None:
     """Drop what an interrupted run wrote of a shard's column group."""
     for f in group_files(layout, k, shard):
-        f.unlink(missing_ok=True)
+        fs.remove(f)
 
 
-def view_path(layout: Layout, k: int, shard: str) -> Path:
+def done_shards(layout: Layout, k: int) -> set[str]:
+    """The shards with a done marker of segment ``k`` (one listing of its marker folder)."""
+    return {f.name[:-len(".json")] for f in fs.listdir(layout.done(f"seg-{k}"), suffix=".json")}
+
+
+def view_path(layout: Layout, k: int, shard: str) -> Any:
     return layout.work / f"view-{k}" / f"{shard}.parquet"
 
 
 def read_base(path: str | Path) -> pa.Table:
-    t = pq.read_table(path)
+    t = fs.read_table(path)
     return t.append_column(POS, pa.array(np.arange(t.num_rows, dtype=np.int64)))
 
 
-def read_group(layout: Layout, k: int, shard: str, columns: list[str] | None = None) -> pa.Table | None:
+def read_group(layout: Layout, k: int, shard: str, columns: list[str] | None = None,
+               known: "ShardRows | None" = None) -> pa.Table | None:
     """Segment ``k``'s column group of a shard (``columns``: those only), sorted by position, duplicate
-    positions collapsed."""
+    positions collapsed.  ``known``: where to note the part files and their columns (read whole), so that
+    :func:`view_sources` asks the store for neither again."""
     files = group_files(layout, k, shard)
+    if known is not None and columns is None:
+        known.files[k] = files
     if not files:
         return None
     cols = None if columns is None else list(dict.fromkeys([POS, *columns]))
-    t = pa.concat_tables([pq.read_table(f, columns=cols) for f in files], promote_options="permissive").sort_by(POS)
+    parts = [fs.read_table(f, columns=cols) for f in files]
+    if known is not None and columns is None:
+        known.names.update({str(f): t.column_names for f, t in zip(files, parts)})
+    t = pa.concat_tables(parts, promote_options="permissive").sort_by(POS)
     pos = t[POS].to_numpy()
     if len(pos) > 1 and (pos[1:] == pos[:-1]).any():  # a retried batch written twice: identical rows
         keep = np.r_[True, pos[1:] != pos[:-1]]
@@ -119,15 +130,25 @@ class ShardRows:
         self.layout, self.shard, self.base_path = layout, shard, base_path
         self._base: pa.Table | None = None
         self._groups: dict[int, pa.Table | None] = {}
+        #: what was read or written of the shard: segment -> its group's part files, file -> its columns
+        self.files: dict[int, list[Any]] = {}
+        self.names: dict[str, list[str]] = {}
 
     def base(self) -> pa.Table:
         if self._base is None:
-            self._base = read_base(self.base_path)
+            t = fs.read_table(self.base_path)
+            self.names[str(self.base_path)] = t.column_names
+            self._base = t.append_column(POS, pa.array(np.arange(t.num_rows, dtype=np.int64)))
         return self._base
+
+    def wrote(self, k: int, path: Any, columns: list[str]) -> None:
+        """Segment ``k`` wrote its group of the shard as the one file ``path`` with ``columns``."""
+        self.files[k] = [fs.as_path(str(path))]
+        self.names[str(self.files[k][0])] = list(columns)
 
     def group(self, k: int) -> pa.Table:
         if k not in self._groups:
-            self._groups[k] = read_group(self.layout, k, self.shard)
+            self._groups[k] = read_group(self.layout, k, self.shard, known=self)
         g = self._groups[k]
         if g is None:
             raise RuntimeError(f"shard {self.shard}: no output of segment {k} -- the work folder is damaged")
@@ -163,17 +184,20 @@ class ShardRows:
 def _schema_names(path: str | Path, cache: dict[str, list[str]]) -> list[str]:
     key = str(path)
     if key not in cache:
-        cache[key] = pq.read_schema(path).names
+        cache[key] = fs.read_schema(path).names
     return cache[key]
 
 
-def view_sources(layout: Layout, k: int, shard: str, base_path: str | Path, columns: list[str]) -> dict[str, list[Path]]:
+def view_sources(layout: Layout, k: int, shard: str, base_path: str | Path, columns: list[str],
+                 known: ShardRows | None = None) -> dict[str, list[Any]]:
     """Where segment ``k``'s fit view of a shard finds each of its ``columns``: the part files of the
     latest column group before ``k`` that made it, else the shard's base.  A column neither holds
-    (no row of the shard reached the stage that makes it) is left out."""
-    cache: dict[str, list[str]] = {}
-    groups = [group_files(layout, j, shard) for j in range(k)]
-    out: dict[str, list[Path]] = {}
+    (no row of the shard reached the stage that makes it) is left out.  ``known``: the shard's rows as the
+    segment read and wrote them (their files and columns are not asked of the store again)."""
+    cache: dict[str, list[str]] = dict(known.names) if known is not None else {}
+    groups = [known.files[j] if known is not None and j in known.files else group_files(layout, j, shard)
+              for j in range(k)]
+    out: dict[str, list[Any]] = {}
     for c in dict.fromkeys(columns):
         for j in range(k - 1, -1, -1):
             having = [f for f in groups[j] if c in _schema_names(f, cache)]
@@ -182,15 +206,14 @@ def view_sources(layout: Layout, k: int, shard: str, base_path: str | Path, colu
                 break
         else:
             if c in _schema_names(base_path, cache):
-                out[c] = [Path(base_path)]
+                out[c] = [fs.as_path(str(base_path))]
     return out
 
 
-def _rel(layout: Layout, f: Path) -> str:
-    try:
-        return str(Path(f).relative_to(layout.work))
-    except ValueError:
-        return str(f)
+def _rel(layout: Layout, f: Any) -> str:
+    """``f`` relative to the work folder (a view stays valid when the folder moves), else as it is."""
+    work, name = str(layout.work).rstrip("/") + "/", str(f)
+    return name[len(work):] if name.startswith(work) else name
 
 
 def write_view(layout: Layout, k: int, shard: str, live_pos: pa.Array, base_path: str | Path, columns: list[str],
@@ -206,13 +229,13 @@ def write_view(layout: Layout, k: int, shard: str, live_pos: pa.Array, base_path
         if c not in sources and c in schema.names:
             out = out.append_column(schema.field(c), pa.nulls(out.num_rows, schema.field(c).type))
     refs = {c: [_rel(layout, f) for f in files] for c, files in sources.items()}
-    out = out.replace_schema_metadata({REFS: json.dumps(refs), BASE: _rel(layout, Path(base_path))})
+    out = out.replace_schema_metadata({REFS: json.dumps(refs), BASE: _rel(layout, base_path)})
     write_parquet_atomic(out, view_path(layout, k, shard), compression)
 
 
 def live_count(path: str | Path) -> int:
     """Rows of an ingest shard not rejected at ingest (from the Parquet footer's null count when present)."""
-    md = pq.read_metadata(path)
+    md = fs.read_metadata(path)
     names = md.schema.to_arrow_schema().names
     if S.REJECT_REASON not in names:
         return md.num_rows
@@ -221,7 +244,7 @@ def live_count(path: str | Path) -> int:
     for r in range(md.num_row_groups):
         st = md.row_group(r).column(j).statistics
         if st is None or not st.has_null_count:
-            col = pq.read_table(path, columns=[S.REJECT_REASON])[S.REJECT_REASON]
+            col = fs.read_table(path, columns=[S.REJECT_REASON])[S.REJECT_REASON]
             return col.null_count
         nulls += st.null_count
     return nulls

@@ -33,11 +33,12 @@ import pyarrow.compute as pc
 from curate import schema as S
 from curate.config import RunnerConfig
 from curate.context import ray_map
+from curate.io import fs
 from curate.layout import Layout
 from curate.progress import progress
 from curate.runners.base import Runner
 from curate.runners.common import Segment, SegmentJob, finish_shard, run_shard
-from curate.runners.flow import ShardRows, remove_group, write_group
+from curate.runners.flow import ShardRows, done_shards, remove_group, write_group
 from curate.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _read_entering(batch: pa.Table, layout: Layout, k: int) -> pa.Table:
 
 
 def _read_args() -> dict[str, Any]:
-    return {"num_cpus": READ_CPUS}
+    return {"num_cpus": READ_CPUS, **fs.ray_env()}
 
 
 def _write_parts(batch: pa.Table, layout: Layout, k: int, produced: list[str], stage_ids: list[str],
@@ -200,14 +201,29 @@ class RayRunner(Runner):
         self._session.__enter__()
         import ray
 
-        res = ray.cluster_resources()
-        self.cpus = float(res.get("CPU", 1))
-        self.gpus = float(res.get("GPU", 0))
-        self.parallelism = max(1, int(self.cpus))
-        self.node_cpus = max([float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [1.0])
+        self._size_up()
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = os.environ.get("CURATE_RAY_PROGRESS", "1") == "1"
         return self
+
+    def _size_up(self) -> None:
+        """What the cluster holds now (its live nodes): a segment is planned for the nodes that are there.
+        After a node is lost, the next segment's pools and tasks fit the nodes that remain."""
+        import ray
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        cpus = [float(r.get("CPU", 0)) for r in nodes]
+        self.cpus = sum(cpus) or float(ray.cluster_resources().get("CPU", 1))
+        self.gpus = sum(float(r.get("GPU", 0)) for r in nodes)
+        self.parallelism = max(1, int(self.cpus))
+        self.node_cpus = max(cpus or [1.0])
+        #: the smallest node with CPUs: an actor restarted there (its node lost) must leave room for a read
+        self.min_node_cpus = min([c for c in cpus if c > 0] or [1.0])
+        self._largest_actor = 0.0  # CPUs of the largest actor of the segment being built
+
+    def fit(self, stage: Any, inputs: dict[str, str], rows: int, layout: Layout) -> None:
+        self._size_up()  # the fit's tasks are spread over the nodes there are now
+        super().fit(stage, inputs, rows, layout)
 
     def __exit__(self, *exc: Any) -> None:
         if self._session is not None:
@@ -256,6 +272,11 @@ class RayRunner(Runner):
             log.info("scaling actor resources to fit the cluster: CPUs x%.2f, GPUs x%.2f", fc, fg)
         return fc, fg
 
+    def _actor_cpus(self, res: Any, factors: tuple[float, float]) -> float:
+        """CPUs of one actor of a pool: scaled to fit the cluster, and leaving a shard read room on the
+        smallest node (where Ray may restart it when its node is lost)."""
+        return max(0.05, min(res.num_cpus * factors[0], self.min_node_cpus - READ_CPUS))
+
     def _add_stage(self, ds: Any, stage: Stage, index: int, state: list | None, key: str,
                    factors=(1.0, 1.0), max_rows: int | None = None, write: tuple | None = None,
                    tasks: int | None = None) -> Any:
@@ -263,10 +284,13 @@ class RayRunner(Runner):
 
         res = stage.resources
         params = stage.params.model_dump(mode="json")
-        num_cpus = max(0.05, res.num_cpus * factors[0]) if res.stateful else res.num_cpus
+        if res.stateful:  # wherever an actor lands (a restart after a node loss too), a shard read fits beside it
+            num_cpus = self._actor_cpus(res, factors)
+        else:  # and a task of every other kind fits beside the largest actor of the segment, on any node
+            num_cpus = min(res.num_cpus, max(READ_CPUS, self.min_node_cpus - self._largest_actor))
         # a batch larger than a shard would merge shards into one block and serialise the stages after it
         batch_size = min(res.batch_size, max_rows) if max_rows else res.batch_size
-        common = dict(batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus)
+        common = dict(batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus, **fs.ray_env())
         if res.num_gpus > 0 and self.gpus == 0:
             log.warning("stage %r asks for %s GPU per worker but the cluster has none: running it on CPUs",
                         stage.id, res.num_gpus)
@@ -311,7 +335,7 @@ class RayRunner(Runner):
                 cpus, window = self.cpus / slots, 2 * slots
             else:  # so many CPUs fit no node: no queue
                 window = slots
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=3)(_shard_task)
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=3, **fs.ray_env())(_shard_task)
         light = ray.put(job.light())
         key = uuid.uuid4().hex
         todo = iter(sorted(job.inputs))
@@ -333,9 +357,10 @@ class RayRunner(Runner):
     def run_segment(self, job: SegmentJob) -> dict[str, float]:
         import ray
 
+        self._size_up()
         if not any(st.resources.stateful for st in job.segment.stages):
             self._run_by_shard(job)
-            missing = [s for s in job.inputs if not job.done_marker(s).exists()]
+            missing = sorted(set(job.inputs) - done_shards(job.layout, job.segment.index))
             if missing:
                 raise RuntimeError(f"segment {job.segment.index}: shards {missing[:5]} were not finished")
             return {}
@@ -345,12 +370,13 @@ class RayRunner(Runner):
         empty = sorted(s for s in job.inputs if job.expected_rows.get(s, 0) == 0)
         for shard in todo:  # parts an interrupted run left for unfinished shards
             remove_group(job.layout, k, shard)
-        finish = ray.remote(num_cpus=0.25)(_finish)
+        finish = ray.remote(num_cpus=0.25, **fs.ray_env())(_finish)
         light = job.light()
         pending: list[Any] = []
         factors = self._fit_factors(stages)
         tasks = self._light_tasks(stages, factors)
         in_flight = min(MAX_FINISHING, tasks)
+        self._largest_actor = max(self._actor_cpus(st.resources, factors) for st in stages if st.resources.stateful)
 
         def start(shard: str, seconds: dict[str, float], is_empty: bool) -> None:
             pending.append(finish.remote(light, shard, {shard: job.inputs[shard]},
@@ -369,7 +395,7 @@ class RayRunner(Runner):
             # actor pools on small machines).  A ``ray_remote_args_fn`` keeps Ray Data from fusing the read
             # into the first stage: fused, the stage's batch size (in rows) would bundle that many *shards*
             # into one task, and one worker would run the whole segment while the others wait.
-            ds = ds.map_batches(_read_entering, fn_args=(job.layout, k), batch_size=1,
+            ds = ds.map_batches(_read_entering, fn_args=(job.layout, k), batch_size=1, **fs.ray_env(),
                                 batch_format="pyarrow", num_cpus=READ_CPUS, ray_remote_args_fn=_read_args,
                                 compute=ray.data.TaskPoolStrategy(size=tasks))
             head_state = [ray.put(job.segment.head.state)] if job.segment.head is not None else None
@@ -389,7 +415,7 @@ class RayRunner(Runner):
                                      max_rows, write if own_write and i == len(stages) - 1 else None, tasks)
             if not own_write:
                 ds = ds.map_batches(_write_parts, fn_args=write, batch_size=None, batch_format="pyarrow",
-                                    num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=tasks))
+                                    num_cpus=0.25, **fs.ray_env(), compute=ray.data.TaskPoolStrategy(size=tasks))
             got: dict[str, int] = defaultdict(int)
             secs: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -409,7 +435,7 @@ class RayRunner(Runner):
             if got:
                 raise RuntimeError(f"segment {k}: rows of shards {sorted(got)[:5]} did not all come back")
         ray.get(pending)
-        missing = [s for s in job.inputs if not job.done_marker(s).exists()]
+        missing = sorted(set(job.inputs) - done_shards(job.layout, job.segment.index))
         if missing:
             raise RuntimeError(f"segment {k}: shards {missing[:5]} were not finished")
         return {}  # seconds are in each shard's done marker

@@ -22,8 +22,6 @@ window query.  No process ever holds more than one partition of keys.
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -32,6 +30,7 @@ from pydantic import Field
 from curate import schema as S
 from curate.dedup import store
 from curate.dedup.base import DedupParams, DedupStage, check_columns, metric_sql, order_sql
+from curate.io import fs
 from curate.io.sql import arrow
 from curate.registry import register
 
@@ -77,9 +76,9 @@ def detail_label(fields: list[str]) -> str:
     return "same " + " and ".join(names[f] for f in dict.fromkeys(fields))
 
 
-def _reduce(args: tuple[str, str, str, str, int, str]) -> int:
-    source, parts_dir, name, work, buckets, label = args
-    con = store.duckdb_connect(work)
+def _reduce(args: tuple[str, str, str, str, int, str, list[str]]) -> int:
+    source, parts_dir, name, work, buckets, label, inputs = args
+    con = store.duckdb_connect(work, inputs)
     t = arrow(con.sql(f"""
         SELECT {S.SHARD}, {S.UID}, first_value({S.UID}) OVER w AS {S.DUPLICATE_OF},
                row_number() OVER w AS _rn
@@ -112,14 +111,16 @@ class DedupExact(DedupStage):
         select = (f"SELECT * FROM (SELECT {S.SHARD}, {S.UID}, {metric_sql(p.keep, schema.names)} AS _m, {key_sql(p.key)} AS _k "
                   f"FROM {{src}} WHERE {S.REJECT_REASON} IS NULL) WHERE _k IS NOT NULL")
         parts = store.n_partitions(ctx.total_rows, p.rows_per_partition)
-        work = Path(ctx.work_dir)
+        work = fs.as_path(ctx.work_dir)
+        parts_dir = work / "parts"
+        fs.remove(parts_dir)  # a killed fit's parts would add to this one's
         sources = store.shuffle(ctx, select, parts, work / "shuffle")
         buckets = store.n_buckets(len(ctx.paths))
-        parts_dir = work / "parts"
         label = detail_label(p.key)
-        jobs = [(src, str(parts_dir), f"r{i:05d}", str(work), buckets, label) for i, src in enumerate(sources) if src]
+        jobs = [(src, str(parts_dir), f"r{i:05d}", str(work), buckets, label, ctx.paths[:1])
+                for i, src in enumerate(sources) if src]
         removed = sum(ctx.map(_reduce, jobs))
-        shutil.rmtree(work / "shuffle", ignore_errors=True)
+        fs.remove(work / "shuffle")
         decisions = store.compact_decisions(ctx, parts_dir, buckets)
         log.info("%s: %d exact duplicates (key %s)", self.id, removed, "+".join(p.key))
         return {"key": list(p.key), "keep": p.keep, "partitions": parts, "removed": removed, "decisions": decisions}

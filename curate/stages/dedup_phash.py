@@ -47,20 +47,18 @@ does not grow with the corpus (``bench/dedup_scale.py``: 262 MB at 20,000 rows a
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate import schema as S
 from curate.dedup import components, mih, store
 from curate.dedup.base import METRIC, DedupParams, DedupStage, check_columns, metric_sql, order_sql, rank
 from curate.dedup.greedy import keep_one
+from curate.io import fs
 from curate.io.sql import arrow
 from curate.registry import register
 
@@ -77,10 +75,10 @@ class DedupPhashParams(DedupParams):
                         "the pHashes of near-duplicates")
 
 
-def _values(args: tuple[str, str, int, str]) -> tuple[str, int, int]:
+def _values(args: tuple[str, str, int, str, list[str]]) -> tuple[str, int, int]:
     """Partition of rows by hash -> one row per distinct hash (the best) + the other rows."""
-    source, out_dir, p, work = args
-    con = store.duckdb_connect(work)
+    source, out_dir, p, work, inputs = args
+    con = store.duckdb_connect(work, inputs)
     t = arrow(con.sql(f"""
         SELECT _k AS {S.PHASH}, {S.UID}, {S.SHARD}, {METRIC},
                row_number() OVER (PARTITION BY _k ORDER BY {order_sql()}) AS _rn
@@ -89,10 +87,16 @@ def _values(args: tuple[str, str, int, str]) -> tuple[str, int, int]:
     best = pc.equal(t["_rn"], 1)
     vals = t.filter(best).drop_columns(["_rn"]).sort_by(S.PHASH)
     members = t.filter(pc.invert(best)).select([S.PHASH, S.UID, S.SHARD])
-    out = Path(out_dir)
-    pq.write_table(vals, out / f"values-{p:05d}.parquet")
-    pq.write_table(members, out / f"members-{p:05d}.parquet")
+    out = fs.as_path(out_dir)
+    fs.write_table(vals, out / f"values-{p:05d}.parquet")
+    fs.write_table(members, out / f"members-{p:05d}.parquet")
     return str(out / f"values-{p:05d}.parquet"), vals.num_rows, p
+
+
+def _members_name(values: str) -> str:
+    """The members file beside a values file (``.../values-N.parquet`` -> ``.../members-N.parquet``)."""
+    head, _, name = values.rpartition("/")
+    return (head + "/" if head else "") + name.replace("values-", "members-", 1)
 
 
 def _keys(args: tuple[str, int, int, str, str]) -> None:
@@ -100,28 +104,28 @@ def _keys(args: tuple[str, int, int, str, str]) -> None:
 
     Values are expanded ``VALUES_PER_CHUNK`` at a time (each gives 4*C(16, radius//4) keys)."""
     path, radius, parts, out, name = args
-    values = pq.read_table(path, columns=[S.PHASH])[S.PHASH].to_numpy()
+    values = fs.read_table(path, columns=[S.PHASH])[S.PHASH].to_numpy()
     for c, lo in enumerate(range(0, len(values), VALUES_PER_CHUNK)):
         chunk = values[lo:lo + VALUES_PER_CHUNK]
         k, i = mih.keys(chunk, radius)
-        store.write_partitioned(pa.table({"k": k, "h": chunk[i]}), mih.partition_of(k, parts), Path(out),
+        store.write_partitioned(pa.table({"k": k, "h": chunk[i]}), mih.partition_of(k, parts), fs.as_path(out),
                                 f"{name}-{c:04d}")
 
 
 def _pairs(args: tuple[str, int, int, str]) -> int:
     """Reduce side: verified pairs of distinct hashes of one key partition."""
     keys_dir, q, radius, out = args
-    files = store.partition_files(Path(keys_dir), q)
+    files = store.partition_files(keys_dir, q)
     if not files:
         return 0
-    t = pa.concat_tables([pq.read_table(f) for f in files])
+    t = pa.concat_tables(store.read_files(files))
     return _write_pairs(t["k"].to_numpy(), t["h"].to_numpy(), radius, out)
 
 
 def _pairs_direct(args: tuple[list[str], int, str]) -> int:
     """One key partition only: the keys of every value are made in this task, no shuffle written."""
     paths, radius, out = args
-    values = np.concatenate([pq.read_table(f, columns=[S.PHASH])[S.PHASH].to_numpy() for f in paths]
+    values = np.concatenate([t[S.PHASH].to_numpy() for t in store.read_files(paths, columns=[S.PHASH])]
                             or [np.zeros(0, np.uint64)])
     k, i = mih.keys(values, radius)
     return _write_pairs(k, values[i], radius, out)
@@ -129,7 +133,7 @@ def _pairs_direct(args: tuple[list[str], int, str]) -> int:
 
 def _write_pairs(k: np.ndarray, h: np.ndarray, radius: int, out: str) -> int:
     a, b, d = mih.pairs(k, h, radius)
-    pq.write_table(pa.table({"a": pa.array(h[a], pa.uint64()), "b": pa.array(h[b], pa.uint64()),
+    fs.write_table(pa.table({"a": pa.array(h[a], pa.uint64()), "b": pa.array(h[b], pa.uint64()),
                              "d": pa.array(d, pa.uint8())}), out)
     return len(a)
 
@@ -138,27 +142,28 @@ def _spread(args: tuple[str, int, str, str]) -> None:
     """Edges of one MIH partition -> by the node partition of ``a`` (and, with several node
     partitions, in adjacency form for the connected components)."""
     path, parts, graph, name = args
-    t = pq.read_table(path)
+    t = fs.read_table(path)
     if t.num_rows == 0:
         return
     a, b = t["a"].to_numpy(), t["b"].to_numpy()
-    store.write_partitioned(t, components.node_partition(a, parts), Path(graph) / "edges", name)
+    g = fs.as_path(graph)
+    store.write_partitioned(t, components.node_partition(a, parts), g / "edges", name)
     if parts > 1:
-        components.write_adjacency(a, b, Path(graph) / "adjacency", parts, name)
+        components.write_adjacency(a, b, g / "adjacency", parts, name)
 
 
 def _labels(args: tuple[str | None, str, int, int, int, int, str]) -> None:
     """Node partition ``p``: component of every node; its edges go to their component's bucket and
     its (node, component) labels to the hash partition of the node (where its values row is)."""
     stars, graph, p, parts, buckets, hash_parts, name = args
-    g = Path(graph)
-    edges = [pq.read_table(f) for f in store.partition_files(g / "edges", p)]
+    g = fs.as_path(graph)
+    edges = store.read_files(store.partition_files(g / "edges", p))
     if stars is None:  # one node partition: all nodes in one bucket, no components needed
         t = pa.concat_tables(edges)
         nodes = np.unique(np.concatenate([t["a"].to_numpy(), t["b"].to_numpy()]))
         comp = np.zeros(len(nodes), np.uint64)
     else:
-        nodes, comp = components.star_labels(store.partition_files(Path(stars), p))
+        nodes, comp = components.star_labels(store.partition_files(stars, p))
     if edges:
         t = pa.concat_tables(edges)
         ca = comp[np.searchsorted(nodes, t["a"].to_numpy())]
@@ -170,12 +175,12 @@ def _labels(args: tuple[str | None, str, int, int, int, int, str]) -> None:
 def _node_info(args: tuple[str, int, str, int, str]) -> None:
     """Hash partition ``i``: keep-rule values of its graph nodes, to their component's bucket."""
     vals_path, i, graph, buckets, name = args
-    g = Path(graph)
+    g = fs.as_path(graph)
     files = store.partition_files(g / "labels", i)
     if not files:
         return
-    labels = pa.concat_tables([pq.read_table(f) for f in files])
-    vals = pq.read_table(vals_path, columns=[S.PHASH, S.UID, METRIC]).join(labels, S.PHASH, join_type="inner")
+    labels = pa.concat_tables(store.read_files(files))
+    vals = fs.read_table(vals_path, columns=[S.PHASH, S.UID, METRIC]).join(labels, S.PHASH, join_type="inner")
     store.write_partitioned(vals.select([S.PHASH, S.UID, METRIC]),
                             components.node_partition(vals["comp"].to_numpy(), buckets), g / "bucket_nodes", name)
 
@@ -185,12 +190,12 @@ def _resolve_bucket(args: tuple[str, int, int, str, str]) -> int:
     hashes by hash partition.  Components are whole in a bucket, so this equals keep-one over the
     whole graph."""
     graph, r, hash_parts, out, name = args
-    g = Path(graph)
+    g = fs.as_path(graph)
     node_files = store.partition_files(g / "bucket_nodes", r)
     if not node_files:
         return 0
-    info = pa.concat_tables([pq.read_table(f) for f in node_files]).sort_by(S.PHASH)
-    edges = pa.concat_tables([pq.read_table(f) for f in store.partition_files(g / "bucket_edges", r)])
+    info = pa.concat_tables(store.read_files(node_files)).sort_by(S.PHASH)
+    edges = pa.concat_tables(store.read_files(store.partition_files(g / "bucket_edges", r)))
     nodes = info[S.PHASH].to_numpy()
     a, b = edges["a"].to_numpy(), edges["b"].to_numpy()
     ia, ib = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
@@ -201,18 +206,18 @@ def _resolve_bucket(args: tuple[str, int, int, str, str]) -> int:
     uids = info[S.UID].to_numpy(zero_copy_only=False)
     t = pa.table({S.PHASH: pa.array(nodes[idx], pa.uint64()), "target_uid": pa.array(uids[target[idx]], pa.string()),
                   "d": pa.array((-tsim[idx]).astype(np.int64))}, schema=RESOLVED_SCHEMA)
-    store.write_partitioned(t, store.duckdb_partition(nodes[idx], hash_parts), Path(out), name)
+    store.write_partitioned(t, store.duckdb_partition(nodes[idx], hash_parts), fs.as_path(out), name)
     return len(idx)
 
 
 def _members(args: tuple[str, str, str, str, str, int]) -> int:
     """Decisions of one hash partition: removed best rows and every non-best row."""
     vals_path, members_path, resolved_dir, parts_dir, name, buckets = args
-    files = sorted(Path(resolved_dir).glob("*.parquet"))
-    resolved = pa.concat_tables([pq.read_table(f) for f in files]) if files else RESOLVED_SCHEMA.empty_table()
-    vals = pq.read_table(vals_path, columns=[S.PHASH, S.UID, S.SHARD])
+    files = fs.listdir(resolved_dir, suffix=".parquet")
+    resolved = pa.concat_tables(store.read_files(files)) if files else RESOLVED_SCHEMA.empty_table()
+    vals = fs.read_table(vals_path, columns=[S.PHASH, S.UID, S.SHARD])
     gone = vals.join(resolved, S.PHASH, join_type="inner")
-    mem = pq.read_table(members_path).join(resolved, S.PHASH, join_type="left outer")
+    mem = fs.read_table(members_path).join(resolved, S.PHASH, join_type="left outer")
     best = vals.select([S.PHASH, S.UID]).rename_columns([S.PHASH, "best_uid"])
     mem = mem.join(best, S.PHASH, join_type="left outer")
     mem_target = pc.coalesce(mem["target_uid"], mem["best_uid"])
@@ -234,18 +239,18 @@ class DedupPhash(DedupStage):
     def fit(self, ctx: Any) -> Any:
         p: DedupPhashParams = self.params  # type: ignore[assignment]
         schema = check_columns(self, ctx, (S.UID, S.SHARD, S.PHASH), p.keep)
-        work = Path(ctx.work_dir)
+        work = fs.as_path(ctx.work_dir)
         for sub in ("values", "keys", "edges", "graph", "resolved", "parts"):
-            shutil.rmtree(work / sub, ignore_errors=True)
-            (work / sub).mkdir(parents=True)
+            fs.remove(work / sub)
+            fs.makedirs(work / sub)
         # 1. one row per distinct hash
         select = (f"SELECT {S.SHARD}, {S.UID}, {metric_sql(p.keep, schema.names)} AS {METRIC}, {S.PHASH} AS _k "
                   f"FROM {{src}} WHERE {S.REJECT_REASON} IS NULL AND {S.PHASH} IS NOT NULL")
         parts = store.n_partitions(ctx.total_rows, p.rows_per_partition)
         sources = store.shuffle(ctx, select, parts, work / "shuffle")
-        vals = ctx.map(_values, [(src, str(work / "values"), i, str(work))
+        vals = ctx.map(_values, [(src, str(work / "values"), i, str(work), ctx.paths[:1])
                                               for i, src in enumerate(sources) if src])
-        shutil.rmtree(work / "shuffle", ignore_errors=True)
+        fs.remove(work / "shuffle")
         n_values = sum(n for _, n, _ in vals)
         # 2. pairs of distinct hashes within the radius (multi-index hashing)
         n_keys = n_values * mih.CHUNKS * len(mih.masks(mih.chunk_radius(p.radius)))
@@ -258,7 +263,7 @@ class DedupPhash(DedupStage):
                             for i, (path, _, _) in enumerate(vals)])
             n_pairs = sum(ctx.map(_pairs, [(str(work / "keys"), q, p.radius, str(work / "edges" / f"e{q:05d}.parquet"))
                                            for q in range(kparts)]))
-        shutil.rmtree(work / "keys", ignore_errors=True)
+        fs.remove(work / "keys")
         # 3. best-first resolution, per bucket of connected components of the near-duplicate graph
         node_parts = store.n_partitions(2 * n_pairs, p.rows_per_partition)
         buckets = store.n_partitions(n_pairs, p.rows_per_partition)
@@ -266,10 +271,10 @@ class DedupPhash(DedupStage):
             self._resolve(ctx, work, vals, parts, node_parts, buckets)
         # 4. decisions for removed best rows and for rows sharing a hash
         dbuckets = store.n_buckets(len(ctx.paths))
-        removed = sum(ctx.map(_members, [(v, v.replace("values-", "members-"),
+        removed = sum(ctx.map(_members, [(v, _members_name(v),
                                                        str(work / "resolved" / f"p{i:05d}"), str(work / "parts"),
                                                        f"m{j:05d}", dbuckets) for j, (v, _, i) in enumerate(vals)]))
-        shutil.rmtree(work / "resolved", ignore_errors=True)
+        fs.remove(work / "resolved")
         decisions = store.compact_decisions(ctx, work / "parts", dbuckets)
         log.info("%s: %d distinct pHashes, %d pairs within %d bits, %d rows removed", self.id, n_values, n_pairs,
                  p.radius, removed)
@@ -277,14 +282,14 @@ class DedupPhash(DedupStage):
                 "hash_partitions": parts, "key_partitions": kparts, "graph_partitions": node_parts,
                 "component_buckets": buckets, "removed": removed, "decisions": decisions}
 
-    def _resolve(self, ctx: Any, work: Path, vals: list[tuple[str, int, int]], parts: int, node_parts: int,
+    def _resolve(self, ctx: Any, work: Any, vals: list[tuple[str, int, int]], parts: int, node_parts: int,
                  buckets: int) -> None:
         """Keep-one over the edges, partitioned: connected components (several node partitions),
         component buckets, one keep-one task per bucket; writes ``resolved/pNNNNN/`` by hash partition."""
         graph = work / "graph"
-        edge_files = sorted((work / "edges").glob("*.parquet"))
+        edge_files = fs.listdir(work / "edges", suffix=".parquet")
         ctx.map(_spread, [(str(f), node_parts, str(graph), f.stem) for f in edge_files])
-        shutil.rmtree(work / "edges", ignore_errors=True)
+        fs.remove(work / "edges")
         stars = None
         if node_parts > 1:
             stars = str(components.components(ctx, graph / "adjacency", node_parts, graph / "cc"))
@@ -293,4 +298,4 @@ class DedupPhash(DedupStage):
         ctx.map(_node_info, [(v, i, str(graph), buckets, f"n{i:05d}") for v, _, i in vals])
         ctx.map(_resolve_bucket, [(str(graph), r, parts, str(work / "resolved"), f"r{r:05d}")
                                                for r in range(buckets)])
-        shutil.rmtree(graph, ignore_errors=True)
+        fs.remove(graph)

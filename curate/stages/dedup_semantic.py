@@ -90,14 +90,11 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from curate import schema as S
@@ -105,6 +102,7 @@ from curate.dedup import store, vectors
 from curate.dedup.base import (METRIC, DedupParams, DedupStage, check_columns, keep_columns, metric_array,
                                rank)
 from curate.dedup.greedy import keep_one, semdedup
+from curate.io import fs
 from curate.io.sql import arrow
 from curate.io.views import POS, view_refs, view_schema, view_sql
 from curate.registry import register
@@ -168,6 +166,7 @@ def _read_active(path: str, columns: list[str], emb: str) -> tuple[pa.Table, np.
     schema = view_schema(path)
     names = [c for c in columns if c in schema.names and c != emb]
     con = duckdb.connect()
+    fs.register(con, [path])  # a fit input on object storage: read through its fsspec filesystem
     con.execute("SET threads = 1")  # files are read in parallel instead
     where = f'WHERE "{S.REJECT_REASON}" IS NULL AND "{emb}" IS NOT NULL'
     cols = ", ".join(f'"{c}"' for c in names) + f', "{emb}"'
@@ -222,7 +221,7 @@ def _scan_file(args: tuple) -> tuple[int, str | None, str | None]:
         return 0, None, None
     rows = pa.table({S.UID: t[S.UID], S.SHARD: t[S.SHARD], S.SOURCE_ROW: t[S.SOURCE_ROW],
                      METRIC: metric_array(t, keep), "emb": vectors.pack(x), "dtype": _dtype_column(x)})
-    pq.write_table(rows, rows_out, compression="none")
+    fs.write_table(rows, rows_out, compression="none")
     if cut <= 0:
         return t.num_rows, rows_out, None
     if cut >= _SAMPLE_MOD:  # every row is in the sample
@@ -230,7 +229,7 @@ def _scan_file(args: tuple) -> tuple[int, str | None, str | None]:
     picked = rows.filter(_in_sample(t[S.UID], cut))
     if picked.num_rows == 0:
         return t.num_rows, rows_out, None
-    pq.write_table(picked.select(_SAMPLE_COLUMNS), sample_out, compression="none")
+    fs.write_table(picked.select(_SAMPLE_COLUMNS), sample_out, compression="none")
     return t.num_rows, rows_out, sample_out
 
 
@@ -251,37 +250,38 @@ def _train(args: tuple[list[str], int, int, int, str, str, str, str]) -> int:
     (:func:`curate.dedup.vectors.faiss_training_rows`), so only they are loaded in float32."""
     samples, k, iterations, seed, order, out, device, backend = args
     keys_cols = [S.UID] if order == "uid" else [S.SHARD, S.SOURCE_ROW]
-    keys = pa.concat_tables([pq.read_table(f, columns=keys_cols) for f in samples])
+    keys = pa.concat_tables(store.read_files(samples, columns=keys_cols))
     n = keys.num_rows
     k = min(k, n)
     rows = pc.sort_indices(keys, sort_keys=[(c, "ascending") for c in keys_cols]).to_numpy()
     picked = vectors.faiss_training_rows(n, k, seed, backend)
     if picked is not None:
         rows = rows[picked]  # training order: FAISS's subset, in FAISS's order
-    ends = np.cumsum([pq.read_metadata(f).num_rows for f in samples], dtype=np.int64)
+    ends = np.cumsum([fs.read_metadata(f).num_rows for f in samples], dtype=np.int64)
     x32 = None
     for f, lo, hi in zip(samples, [0, *ends[:-1].tolist()], ends.tolist()):
         at = np.flatnonzero((rows >= lo) & (rows < hi))
         if len(at) == 0:
             continue
-        emb = _embeddings_of(pq.read_table(f, columns=["emb", "dtype"]))
+        emb = _embeddings_of(fs.read_table(f, columns=["emb", "dtype"]))
         x32 = np.empty((len(rows), emb.shape[1]), np.float32) if x32 is None else x32
         x32[at] = emb[rows[at] - lo]
-    np.save(out, vectors.spherical_kmeans(x32, k, iterations, seed, device, backend))
+    fs.save_npy(out, vectors.spherical_kmeans(x32, k, iterations, seed, device, backend))
     return n
 
 
 def _assign(args: tuple) -> int:
     """Nearest centroid of every compact row of a file group; rows written by cluster bucket."""
     files, centroids, buckets, out, name, device = args
-    c64 = np.load(centroids)
+    c64 = fs.load_npy(centroids)
+    out = fs.as_path(out)
 
     def one(job: tuple[int, str]) -> int:
         j, path = job
-        t = pq.read_table(path)
+        t = fs.read_table(path)
         labels = vectors.nearest(_embeddings_of(t), c64, device)
         store.write_partitioned(t.append_column("cluster", pa.array(labels, pa.int64())), labels % buckets,
-                                Path(out), f"{name}-{j:05d}")
+                                out, f"{name}-{j:05d}")
         return t.num_rows
 
     with vectors.torch_single_thread():
@@ -323,16 +323,16 @@ def decide(t: pa.Table, x: np.ndarray, cutoff: float, mode: str, device: str,
 def _clusters(args: tuple) -> dict[str, int]:
     """One bucket of clusters: decisions of every cluster in it (clusters on ``store.threads()`` threads)."""
     assign_dir, b, cutoff, mode, parts_dir, buckets, device, centroids = args
-    files = store.partition_files(Path(assign_dir), b)
+    files = store.partition_files(assign_dir, b)
     if not files:
         return {"pairs": 0, "removed": 0, "largest": 0}
-    t = pa.concat_tables([pq.read_table(f) for f in files])
+    t = pa.concat_tables(store.read_files(files))
     labels = t["cluster"].to_numpy()
     order = np.argsort(labels, kind="stable")  # row order inside a cluster does not matter
     labels = labels[order]
     x = _embeddings_of(t.select(["emb", "dtype"]).combine_chunks())
     meta = t.select([S.UID, S.SHARD, S.SOURCE_ROW, METRIC])
-    c64 = np.load(centroids) if mode == "semdedup" else None
+    c64 = fs.load_npy(centroids) if mode == "semdedup" else None
     cuts = np.flatnonzero(np.diff(labels)) + 1
     spans = [(int(lo), int(hi)) for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(labels)])]
 
@@ -356,7 +356,7 @@ def _clusters(args: tuple) -> dict[str, int]:
 def _exact(args: tuple[list[str], float, str, int, str]) -> dict[str, int]:
     """Method exact: every compact row in this one task, all pairs above the cut-off."""
     files, cutoff, parts_dir, buckets, device = args
-    t = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks() if files else None
+    t = pa.concat_tables(store.read_files(files)).combine_chunks() if files else None
     if t is None or t.num_rows < 2:
         return {"pairs": 0, "removed": 0}
     return _exact_decide(t, _embeddings_of(t), cutoff, parts_dir, buckets, device)
@@ -368,7 +368,7 @@ def _exact_inputs(args: tuple) -> dict[str, int]:
     files, emb, keep, cutoff, parts_dir, buckets, device = args
 
     def one(path: str) -> tuple[pa.Table, np.ndarray]:
-        t, x = _read_active(path, [S.UID, S.SHARD, S.SOURCE_ROW, emb, *keep_columns(keep, pq.read_schema(path).names)],
+        t, x = _read_active(path, [S.UID, S.SHARD, S.SOURCE_ROW, emb, *keep_columns(keep, view_schema(path).names)],
                             emb)
         return pa.table({S.UID: t[S.UID], S.SHARD: t[S.SHARD], S.SOURCE_ROW: t[S.SOURCE_ROW],
                          METRIC: metric_array(t, keep)}), x
@@ -404,10 +404,10 @@ class DedupSemantic(DedupStage):
     def fit(self, ctx: Any) -> Any:
         p: DedupSemanticParams = self.params  # type: ignore[assignment]
         check_columns(self, ctx, (S.UID, S.SHARD, p.column), p.keep if p.mode == "keep_one" else None)
-        work = Path(ctx.work_dir)
+        work = fs.as_path(ctx.work_dir)
         for sub in ("rows", "sample", "assign", "parts"):
-            shutil.rmtree(work / sub, ignore_errors=True)
-            (work / sub).mkdir(parents=True)
+            fs.remove(work / sub)
+            fs.makedirs(work / sub)
         device, gpus = self._device(ctx)
         keep = p.keep if p.mode == "keep_one" else "smallest_uid"
         buckets = store.n_buckets(len(ctx.paths))
@@ -445,17 +445,17 @@ class DedupSemantic(DedupStage):
             cb = store.n_partitions(n, p.rows_per_bucket)
             ctx.map(_assign, [(g, centroids, cb, str(work / "assign"), f"a{i:05d}", device)
                                            for i, g in enumerate(rows) if g], num_gpus=gpus)
-            shutil.rmtree(work / "rows", ignore_errors=True)
+            fs.remove(work / "rows")
             res = ctx.map(_clusters, [(str(work / "assign"), b, p.cutoff, p.mode, str(work / "parts"),
                                                     buckets, device, centroids) for b in range(cb)], num_gpus=gpus)
-            info.update(method="kmeans", n_clusters=len(np.load(centroids, mmap_mode="r")), cluster_buckets=cb,
+            info.update(method="kmeans", n_clusters=len(fs.load_npy(centroids, mmap=True)), cluster_buckets=cb,
                         largest_cluster=max(r["largest"] for r in res), pairs=sum(r["pairs"] for r in res),
                         removed=sum(r["removed"] for r in res))
         return self._finish(ctx, work, info, buckets)
 
-    def _finish(self, ctx: Any, work: Path, info: dict[str, Any], buckets: int) -> dict[str, Any]:
+    def _finish(self, ctx: Any, work: Any, info: dict[str, Any], buckets: int) -> dict[str, Any]:
         for sub in ("rows", "sample", "assign"):
-            shutil.rmtree(work / sub, ignore_errors=True)
+            fs.remove(work / sub)
         info["decisions"] = store.compact_decisions(ctx, work / "parts", buckets)
         log.info("%s: %s method, %d rows with embeddings, %d removed", self.id, info["method"],
                  info["rows_with_embedding"], info["removed"])
@@ -471,12 +471,12 @@ class DedupSemantic(DedupStage):
                 return "cuda", p.gpus_per_task
         return vectors.resolve_device(device), 0.0
 
-    def _centroids(self, ctx: Any, samples: list[str], n: int, work: Path, info: dict[str, Any]) -> str:
+    def _centroids(self, ctx: Any, samples: list[str], n: int, work: Any, info: dict[str, Any]) -> str:
         """Path of the (k, d) unit centroids: given ones, or trained in one task on the sample."""
         p: DedupSemanticParams = self.params  # type: ignore[assignment]
         out = work / "centroids.npy"
         if p.centroids_path:
-            np.save(out, vectors.normalise(np.load(p.centroids_path)))
+            fs.save_npy(out, vectors.normalise(fs.load_npy(p.centroids_path)))
             return str(out)
         if not samples:
             raise StageError(f"stage {self.id!r}: no rows with {p.column} to train k-means on")

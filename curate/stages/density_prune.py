@@ -33,19 +33,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate import schema as S
 from curate.dedup import store, vectors
 from curate.dedup.base import DecisionStage, check_columns
+from curate.io import fs
 from curate.registry import register
 from curate.stage import StageError, StageParams
 
@@ -145,7 +143,8 @@ def _assign(args: tuple) -> tuple[np.ndarray, np.ndarray]:
     from curate.stages.dedup_semantic import _read_active
 
     files, centroids, buckets, out, name = args
-    c64 = np.load(centroids)
+    c64 = fs.load_npy(centroids)
+    out = fs.as_path(out)
     counts, sums = np.zeros(len(c64), np.int64), np.zeros(len(c64))
     for j, path in enumerate(files):
         t, x = _read_active(path, [S.UID, S.SHARD, S.IMAGE_EMBEDDING], S.IMAGE_EMBEDDING)
@@ -158,7 +157,7 @@ def _assign(args: tuple) -> tuple[np.ndarray, np.ndarray]:
         np.add.at(sums, labels, dist)
         rows = pa.table({S.UID: t[S.UID], S.SHARD: t[S.SHARD], "cluster": pa.array(labels, pa.int64()),
                          "dist": pa.array(dist, pa.float64())})
-        store.write_partitioned(rows, labels % buckets, Path(out), f"{name}-{j:05d}")
+        store.write_partitioned(rows, labels % buckets, out, f"{name}-{j:05d}")
     return counts, sums
 
 
@@ -192,11 +191,11 @@ def _order_key(t: pa.Table, keep: str, seed: int) -> np.ndarray:
 def _select(args: tuple) -> int:
     """One bucket of clusters: the rows beyond each cluster's quota become decisions."""
     assign_dir, b, quota_file, keep, seed, parts_dir, buckets = args
-    files = store.partition_files(Path(assign_dir), b)
+    files = store.partition_files(assign_dir, b)
     if not files:
         return 0
-    quota = np.load(quota_file)
-    t = pa.concat_tables([pq.read_table(f) for f in files])
+    quota = fs.load_npy(quota_file)
+    t = pa.concat_tables(store.read_files(files))
     keyed = pa.table({"c": t["cluster"], "k": pa.array(_order_key(t, keep, seed)), "u": t[S.UID]})
     order = pc.sort_indices(keyed, sort_keys=[("c", "ascending"), ("k", "ascending"), ("u", "ascending")]).to_numpy()
     labels = t["cluster"].to_numpy()[order]  # by cluster, then keep-first, then uid
@@ -222,19 +221,20 @@ class DensityPrune(DecisionStage):
     def fit(self, ctx: Any) -> Any:
         p = self.params
         check_columns(self, ctx, (S.UID, S.SHARD, S.IMAGE_EMBEDDING))
-        work = Path(ctx.work_dir)
+        work = fs.as_path(ctx.work_dir)
         for sub in ("assign", "parts"):
-            shutil.rmtree(work / sub, ignore_errors=True)
-            (work / sub).mkdir(parents=True)
+            fs.remove(work / sub)
+            fs.makedirs(work / sub)
         centroids, source = self._centroids(ctx, work)
-        k = len(np.load(centroids, mmap_mode="r"))
+        c64 = fs.load_npy(centroids)
+        k = len(c64)
         cb = store.n_partitions(ctx.total_rows or 1, p.rows_per_bucket)
         groups = store.file_groups(ctx.paths)
         res = ctx.map(_assign, [(g, centroids, cb, str(work / "assign"), f"a{i:05d}") for i, g in enumerate(groups)])
         counts = np.sum([r[0] for r in res], axis=0) if res else np.zeros(k, np.int64)
         sums = np.sum([r[1] for r in res], axis=0) if res else np.zeros(k)
         n = int(counts.sum())
-        cx = complexity(np.load(centroids), counts, sums, p.neighbours)
+        cx = complexity(c64, counts, sums, p.neighbours)
         live = np.flatnonzero(counts > 0)
         prob = np.zeros(k)
         if len(live):
@@ -243,29 +243,29 @@ class DensityPrune(DecisionStage):
             prob[live] = e / e.sum()
         target = math.floor(p.keep_fraction * n)
         quota = quotas(prob, counts, target, lower_bounds(counts, target, p.cluster_balance, p.min_per_cluster))
-        np.save(work / "quota.npy", quota)
+        fs.save_npy(work / "quota.npy", quota)
         buckets = store.n_buckets(len(ctx.paths))
         removed = sum(ctx.map(_select, [(str(work / "assign"), b, str(work / "quota.npy"), p.keep, p.seed,
                                          str(work / "parts"), buckets) for b in range(cb)]))
-        shutil.rmtree(work / "assign", ignore_errors=True)
+        fs.remove(work / "assign")
         info = {"centroids": source, "n_clusters": k, "clusters_with_rows": len(live), "rows_with_embedding": n,
                 "target": int(quota.sum()), "removed": int(removed),
                 "decisions": store.compact_decisions(ctx, work / "parts", buckets)}
         log.info("%s: %d of %d rows kept in %d clusters (centroids: %s)", self.id, n - removed, n, len(live), source)
         return info
 
-    def _centroids(self, ctx: Any, work: Path) -> tuple[str, str]:
+    def _centroids(self, ctx: Any, work: Any) -> tuple[str, str]:
         """(path of unit centroids, where they came from)."""
         p = self.params
         if p.centroids_path:
-            np.save(work / "centroids.npy", vectors.normalise(np.load(p.centroids_path)))
+            fs.save_npy(work / "centroids.npy", vectors.normalise(fs.load_npy(p.centroids_path)))
             return str(work / "centroids.npy"), p.centroids_path
-        shared = Path(ctx.work_dir).parent / p.clusters_from / "centroids.npy" if p.clusters_from else None
-        if shared is not None and shared.exists():
+        shared = fs.as_path(ctx.work_dir).parent / p.clusters_from / "centroids.npy" if p.clusters_from else None
+        if shared is not None and fs.exists(shared):
             return str(shared), f"stage {p.clusters_from}"
         return self._train(ctx, work), "trained here"
 
-    def _train(self, ctx: Any, work: Path) -> str:
+    def _train(self, ctx: Any, work: Any) -> str:
         """No clustering to share: spherical k-means (FAISS) on a sample of at most 256 rows per centroid."""
         p = self.params
         total = max(1, ctx.total_rows or 1)
@@ -277,7 +277,7 @@ class DensityPrune(DecisionStage):
             raise StageError(f"{self.id}: no row has an image_embedding (put clip_embed before it)")
         x = np.concatenate(xs).astype(np.float32)
         out = work / "centroids.npy"
-        np.save(out, vectors.spherical_kmeans(x, min(k, len(x)), 20, p.seed))
+        fs.save_npy(out, vectors.spherical_kmeans(x, min(k, len(x)), 20, p.seed))
         return str(out)
 
     def process(self, table: pa.Table) -> pa.Table:

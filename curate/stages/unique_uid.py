@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from curate import schema as S
+from curate.io import fs
 from curate.io.sql import arrow
 from curate.registry import register
 from curate.stage import GlobalStage, Resources, StageParams
@@ -31,11 +31,14 @@ class UniqueUidParams(StageParams):
     stage: Literal["unique_uid"] = "unique_uid"
 
 
-def _partition(args: tuple[list[str], str, int, int]) -> str | None:
+def _partition(args: tuple[list[str], str, int, int]) -> tuple[str, int] | None:
+    """Rows of hash partition ``p`` of the uids whose uid was seen before: written to ``out`` (a local path
+    or a URI); returns (``out``, its rows), or None when there are none."""
     files, out, p, parts = args
     import duckdb
 
     con = duckdb.connect()
+    fs.register(con, files[:1])  # inputs on object storage: read through their fsspec filesystem
     con.execute("SET threads = 2")
     sql = f"""
         SELECT {S.SHARD}, {S.SOURCE_ROW}, {S.UID}, first_file, first_row FROM (
@@ -52,10 +55,8 @@ def _partition(args: tuple[list[str], str, int, int]) -> str | None:
     table = arrow(con.sql(sql, params={"files": files, "parts": parts, "p": p}))
     if table.num_rows == 0:
         return None
-    import pyarrow.parquet as pq
-
-    pq.write_table(table, out)
-    return out
+    fs.write_table(table, out)
+    return out, table.num_rows
 
 
 _CACHE_SHARDS = 8
@@ -70,9 +71,11 @@ class UniqueUid(GlobalStage):
 
     def fit(self, ctx) -> Any:
         parts = max(1, math.ceil((ctx.total_rows or 0) / ROWS_PER_PARTITION))
-        jobs = [(list(ctx.paths), str(ctx.work_dir / f"dup-{p:04d}.parquet"), p, parts) for p in range(parts)]
-        outs = [o for o in ctx.map(_partition, jobs) if o]
-        n = pads.dataset(outs).count_rows() if outs else 0
+        work = fs.as_path(ctx.work_dir)
+        jobs = [(list(ctx.paths), str(work / f"dup-{p:04d}.parquet"), p, parts) for p in range(parts)]
+        found = [o for o in ctx.map(_partition, jobs) if o]
+        outs = [o for o, _ in found]
+        n = sum(rows for _, rows in found)
         if n:
             log.warning("%d rows have a uid seen earlier in the input: rejected as duplicate_uid", n)
         return {"files": outs, "count": n}
@@ -84,8 +87,8 @@ class UniqueUid(GlobalStage):
     def _dups_for(self, shards: list[str]) -> dict[tuple[str, int], tuple[str, int]]:
         files = (self.state or {}).get("files") or []
         missing = [s for s in shards if s not in self._cache]
-        if missing and files:
-            t = pads.dataset(files).to_table(filter=pc.field(S.SHARD).isin(missing))
+        if missing and files:  # the few partition files (local or URIs), only the row groups of these shards
+            t = pa.concat_tables([fs.read_table(f, filters=[(S.SHARD, "in", missing)]) for f in files])
             for s in missing:
                 self._cache[s] = {}
             for sh, row, ff, fr in zip(t[S.SHARD].to_pylist(), t[S.SOURCE_ROW].to_pylist(),
