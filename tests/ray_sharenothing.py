@@ -42,9 +42,30 @@ VENV_BIN = Path(sys.executable).parent
 HOST_PATHS = ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "HF_HOME", "TORCH_HOME", "TMPDIR",
               "CURATE_WORK_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR", "CURATE_NETGUARD_LOG")
 
+def _kept() -> list[str]:
+    """Folders under the host's /tmp that a node must still see, read-only: the checkout and the interpreter
+    (a CI job may clone and build its virtualenv under /tmp); nested ones are covered by their parent."""
+    from ray_multinode import REPO
+
+    paths = {os.path.realpath(p) for p in (REPO, sys.prefix, sys.base_prefix, Path(sys.executable).resolve().parents[1])}
+    under = sorted(p for p in paths if p == "/tmp" or p.startswith("/tmp/"))
+    return [p for p in under if not any(p != q and p.startswith(q + "/") for q in under)]
+
+
+KEPT = _kept()
+
 _NODE_SH = r"""
 set -e
+i=0
+for p in {kept}; do  # bind them aside, cover /tmp, then put them back read-only
+  i=$((i+1)); mkdir -p /dev/shm/curate-keep-$$-$i; mount --bind "$p" /dev/shm/curate-keep-$$-$i
+done
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+i=0
+for p in {kept}; do
+  i=$((i+1)); mkdir -p "$p"; mount --move /dev/shm/curate-keep-$$-$i "$p"; rmdir /dev/shm/curate-keep-$$-$i
+  mount -o remount,bind,ro "$p"
+done
 mkdir -p {ray} {home} {cwd} {harness}
 printf '{{}}\n' > {home}/ray_bootstrap_config.yaml
 cd {cwd}
@@ -86,7 +107,8 @@ class Node:
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self, ray_args: list[str]) -> None:
-        script = _NODE_SH.format(ray=RAY_DIR, home=HOME, cwd=CWD, harness=HARNESS)
+        script = _NODE_SH.format(ray=RAY_DIR, home=HOME, cwd=CWD, harness=HARNESS,
+                                 kept=" ".join(shlex.quote(p) for p in KEPT))
         cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
                str(VENV_BIN / "ray"), "start", *ray_args, "--temp-dir", RAY_DIR]
         with open(self.log_dir / f"{self.name}.keeper.log", "w") as out:
@@ -185,6 +207,7 @@ class Node:
         out = []
         for dirpath, dirs, names in os.walk(root):
             rel = "/tmp/" + os.path.relpath(dirpath, root) if dirpath != str(root) else "/tmp"
+            dirs[:] = [d for d in dirs if os.path.normpath(f"{rel}/{d}") not in KEPT]  # read-only: not the run's
             for n in names + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
                 out.append(os.path.normpath(f"{rel}/{n}"))
         return sorted(out)
@@ -192,7 +215,8 @@ class Node:
     def foreign_files(self) -> list[str]:
         """Files on the node outside Ray's own folder and this harness's files: what a run left there."""
         own = {f"{HOME}/ray_bootstrap_config.yaml"}
-        return [f for f in self.files() if not f.startswith((RAY_DIR + "/", HARNESS + "/")) and f not in own]
+        kept = tuple(p + "/" for p in KEPT)  # mounted read-only: nothing of the run can be there
+        return [f for f in self.files() if not f.startswith((RAY_DIR + "/", HARNESS + "/") + kept) and f not in own]
 
     def netguard_lines(self) -> list[str]:
         return self.read(f"{HARNESS}/net.log").splitlines()
