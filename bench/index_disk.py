@@ -45,7 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-SHARD = 100_000
+from search import distribution  # noqa: E402  bench/search.py: the same synthetic output
+from search import write_output as search_output  # noqa: E402
+
 ROW_GROUP = 1000
 
 
@@ -59,32 +61,9 @@ def status() -> dict[str, int]:
     return out
 
 
-def distribution(rng: np.random.Generator, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster centres and latent projection (the first draws of the seeded generator)."""
-    centres = rng.standard_normal((2000, dim), dtype=np.float32)
-    return centres, rng.standard_normal((32, dim), dtype=np.float32) * 0.5
-
-
 def write_output(out: Path, rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from search import vectors  # bench/search.py: the same synthetic distribution
-
-    from curate import schema as S
-
-    rng = np.random.default_rng(seed)
-    centres, proj = distribution(rng, dim)
-    (out / "data").mkdir(parents=True)
-    for f, lo in enumerate(range(0, rows, SHARD)):
-        n = min(SHARD, rows - lo)
-        x = vectors(rng, n, centres, proj).astype(np.float16)
-        offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
-        emb = pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1), pa.float16()))
-        uids = pa.array([f"{lo + i:032x}" for i in range(n)])
-        caption = pa.array([f"synthetic row {lo + i}" for i in range(n)])
-        pq.write_table(pa.table({S.UID: uids, S.CAPTION: caption, S.IMAGE_EMBEDDING: emb}),
-                       out / "data" / f"{f:05d}.parquet", row_group_size=ROW_GROUP)
-    return centres, proj
+    """bench/search.py's synthetic output, with captions and 1,000-row row groups."""
+    return search_output(out, rows, dim, seed, captions=True, row_group_size=ROW_GROUP)
 
 
 def exact_top10(out: Path, q: np.ndarray) -> np.ndarray:

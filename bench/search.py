@@ -36,23 +36,34 @@ def vectors(rng: np.random.Generator, n: int, centres: np.ndarray, proj: np.ndar
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def write_output(out: Path, rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def distribution(rng: np.random.Generator, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster centres and latent projection (the first draws of the seeded generator)."""
+    centres = rng.standard_normal((2000, dim), dtype=np.float32)
+    return centres, rng.standard_normal((32, dim), dtype=np.float32) * 0.5
+
+
+def write_output(out: Path, rows: int, dim: int, seed: int, captions: bool = False,
+                 row_group_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic output: ``data/`` files of ``SHARD`` rows with uids and float16 embeddings (``captions``:
+    a caption per row too; ``row_group_size``: rows per Parquet row group, default one per file)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from curate import schema as S
 
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((2000, dim), dtype=np.float32)
-    proj = rng.standard_normal((32, dim), dtype=np.float32) * 0.5
+    centres, proj = distribution(rng, dim)
     (out / "data").mkdir(parents=True)
     for f, lo in enumerate(range(0, rows, SHARD)):
         n = min(SHARD, rows - lo)
         x = vectors(rng, n, centres, proj).astype(np.float16)
         offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
         emb = pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1), pa.float16()))
-        uids = pa.array([f"{lo + i:032x}" for i in range(n)])
-        pq.write_table(pa.table({S.UID: uids, S.IMAGE_EMBEDDING: emb}), out / "data" / f"{f:05d}.parquet")
+        cols = {S.UID: pa.array([f"{lo + i:032x}" for i in range(n)])}
+        if captions:
+            cols[S.CAPTION] = pa.array([f"synthetic row {lo + i}" for i in range(n)])
+        cols[S.IMAGE_EMBEDDING] = emb
+        pq.write_table(pa.table(cols), out / "data" / f"{f:05d}.parquet", row_group_size=row_group_size)
     return centres, proj
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,3 +30,20 @@ def stage_counts(output: Path) -> list[tuple]:
 
 def manifest(site: Path) -> list[dict]:
     return [json.loads(x) for x in (Path(site) / "manifest.jsonl").read_text().splitlines() if x.strip()]
+
+
+@contextmanager
+def storage_restored():
+    """curate.io.fs's storage settings (process-wide, and CURATE_STORAGE for child processes) as they were
+    before the block, whatever it set."""
+    from curate.io import fs
+
+    old_env, old = os.environ.get(fs.ENV), fs._storage
+    try:
+        yield
+    finally:
+        fs._storage = old
+        if old_env is None:
+            os.environ.pop(fs.ENV, None)
+        else:
+            os.environ[fs.ENV] = old_env

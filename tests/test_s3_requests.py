@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import storage_restored
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, SHARD = 240, 40  # 6 shards; 3 segments: [unique_uid, download] [dedup_exact, phash] [dedup_phash, ...]
@@ -63,22 +64,12 @@ SHARED_PER_SHARD = SMALL_READ
 @pytest.fixture(scope="module")
 def s3_log():
     """bench/s3_requests.py and its recording S3 server; the storage settings a run sets are restored after."""
-    import os
 
-    from curate.io import fs
 
     bench = _bench()
-    old_env, old = os.environ.get(fs.ENV), fs._storage
-    try:
-        with bench.S3Server() as server:
-            server.bucket()
-            yield bench, server
-    finally:
-        fs._storage = old
-        if old_env is None:
-            os.environ.pop(fs.ENV, None)
-        else:
-            os.environ[fs.ENV] = old_env
+    with storage_restored(), bench.S3Server() as server:
+        server.bucket()
+        yield bench, server
 
 
 def test_requests_per_shard_and_segment_are_bounded(s3_log, demo_input, monkeypatch):

@@ -8,7 +8,6 @@ system temp (DuckDB's spill), gone when it is done, and ``process`` reads at mos
 
 from __future__ import annotations
 
-import os
 import pickle
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import dedup_corpus as dc
+from helpers import storage_restored
 from curate import registry
 from curate import schema as S
 from curate.context import FitContext
@@ -40,16 +40,11 @@ def s3():
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    old_env, old = os.environ.get(fs.ENV), fs._storage
-    fs.set_storage({"endpoint_url": endpoint})
     try:
-        yield s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False)
+        with storage_restored():
+            fs.set_storage({"endpoint_url": endpoint})
+            yield s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False)
     finally:
-        fs._storage = old
-        if old_env is None:
-            os.environ.pop(fs.ENV, None)
-        else:
-            os.environ[fs.ENV] = old_env
         server.stop()
 
 

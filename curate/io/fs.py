@@ -91,11 +91,6 @@ def as_path(p: Any) -> Any:
     return Path(p)
 
 
-def uri(p: Any) -> str:
-    """The string that :func:`as_path` turns back into ``p`` (a local path, or ``s3://bucket/key``)."""
-    return str(p)
-
-
 def exists(p: Any) -> bool:
     p = as_path(p)
     return p.fs.exists(p.path) if is_uri(p) else p.exists()
@@ -120,10 +115,6 @@ def remove(p: Any) -> None:
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
-
-
-def unlink(p: Any) -> None:
-    remove(p)
 
 
 def listdir(folder: Any, prefix: str = "", suffix: str = "", recursive: bool = False) -> list[Any]:
@@ -176,10 +167,6 @@ def read_bytes(p: Any) -> bytes:
     return p.fs.cat_file(p.path, start=0) if is_uri(p) else p.read_bytes()
 
 
-def read_text(p: Any) -> str:
-    return read_bytes(p).decode()
-
-
 def read_json(p: Any) -> Any:
     return json.loads(read_bytes(p))
 
@@ -188,12 +175,6 @@ def write_bytes(data: bytes, p: Any) -> None:
     from curate.io.files import write_bytes_atomic
 
     write_bytes_atomic(data, as_path(p))
-
-
-def write_json(data: Any, p: Any) -> None:
-    from curate.io.files import write_json_atomic
-
-    write_json_atomic(data, as_path(p))
 
 
 def _arrow_args(p: Any) -> tuple[str, Any]:
@@ -231,11 +212,6 @@ def read_schema(p: Any) -> pa.Schema:
 def read_metadata(p: Any) -> pq.FileMetaData:
     path, fs = _arrow_args(p)
     return pq.read_metadata(path) if fs is None else pq.read_metadata(_footer(path, fs))
-
-
-def parquet_file(p: Any) -> pq.ParquetFile:
-    path, fs = _arrow_args(p)
-    return pq.ParquetFile(path) if fs is None else pq.ParquetFile(fs.open(path, "rb"))
 
 
 def write_table(table: pa.Table, p: Any, **kw: Any) -> None:

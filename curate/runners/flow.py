@@ -136,9 +136,8 @@ class ShardRows:
 
     def base(self) -> pa.Table:
         if self._base is None:
-            t = fs.read_table(self.base_path)
-            self.names[str(self.base_path)] = t.column_names
-            self._base = t.append_column(POS, pa.array(np.arange(t.num_rows, dtype=np.int64)))
+            self._base = read_base(self.base_path)
+            self.names[str(self.base_path)] = self._base.column_names[:-1]  # the file's columns (not __pos)
         return self._base
 
     def wrote(self, k: int, path: Any, columns: list[str]) -> None:
