@@ -129,10 +129,21 @@ class Node:
             if state:
                 self.ns = mnt_ns(self.keeper.pid)
                 if state != "ok":
-                    raise RuntimeError(f"{self.name}: ray start failed:\n{self.read(f'{HARNESS}/ray-start.log')[-3000:]}")
+                    raise RuntimeError(f"{self.name}: ray start failed:\n{self.read(f'{HARNESS}/ray-start.log')[-3000:]}"
+                                       f"\n{self.ray_logs()}")
                 return
             time.sleep(0.2)
         raise RuntimeError(f"{self.name}: ray start did not finish in {timeout:.0f}s")
+
+    def ray_logs(self, tail: int = 1500) -> str:
+        """The ends of the node's raylet and GCS logs (what a failed start says)."""
+        logs = self.path(f"{RAY_DIR}/session_latest/logs")
+        out = []
+        for name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err"):
+            text = self.read(f"{RAY_DIR}/session_latest/logs/{name}") if logs.exists() else ""
+            if text.strip():
+                out.append(f"--- {self.name} {name} ---\n{text[-tail:]}")
+        return "\n".join(out) or f"({self.name}: no Ray logs)"
 
     def path(self, inside: str) -> Path:
         """A path of this node's private file system, seen from outside."""
@@ -305,7 +316,16 @@ class ShareNothingCluster:
     def wait(self, timeout: float = 150.0) -> list[str]:
         t0 = time.monotonic()
         self.head.wait_started(timeout)
-        self._start_worker(max(10.0, timeout - (time.monotonic() - t0)))
+        try:
+            self._start_worker(max(10.0, timeout - (time.monotonic() - t0)))
+        except RuntimeError as first:  # once more on a fresh namespace and fresh ports, then give up loudly
+            self.worker.stop()
+            self.worker = Node("worker", self.env, self.log_dir)
+            try:
+                self._start_worker(90.0)
+            except RuntimeError as second:
+                raise RuntimeError(f"{second}\n--- head ---\n{self.head.ray_logs()}\n--- first try ---\n{first}") \
+                    from None
         return wait_for_nodes(self.dashboard, 2)
 
     def _start_worker(self, timeout: float) -> None:
