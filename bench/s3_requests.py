@@ -53,7 +53,7 @@ from urllib.parse import parse_qs, unquote
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "curate-bench"
-SHARD_RE = re.compile(r"(?<![0-9])(\d{5}-\d{5})(?![0-9])")
+SHARD_RE = re.compile(r"(?<![0-9a-f])([0-9a-f]{16}-\d{5})(?![0-9])")  # shard ids: HHHHHHHHHHHHHHHH-CCCCC
 
 ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "CURATE_RAY_PROGRESS": "0",

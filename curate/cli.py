@@ -44,7 +44,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from curate.stats import format_stats
 
     cfg = load_config(args.config, parse_overrides(args.set))
-    result = execute(cfg)
+    retry = None
+    if args.retry_failed is not None:
+        retry = [t.strip() for t in args.retry_failed.split(",") if t.strip()] or None
+        retry = retry if retry is not None else []  # [] = the stages' default transient error types
+    result = execute(cfg, append=args.append, retry_failed=retry)
     sys.stdout.write(format_stats(result.stats) + "\n")
     sys.stdout.write(f"output: {result.output}\n")
     return 0
@@ -93,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config")
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted path)")
+        if name == "run":
+            s.add_argument("--append", action="store_true",
+                           help="the input gained files: process their rows, re-fit the global stages over all "
+                                "rows, reuse every row's finished work")
+            s.add_argument("--retry-failed", nargs="?", const="", default=None, metavar="TYPES",
+                           help="fetch again the rows the download rejected with these error types (comma-"
+                                "separated, * matches; default: timeout, connection errors, DNS, TLS, "
+                                "http_429, http_5*)")
     s = sub.add_parser("demo", help="generate, serve and curate a small offline corpus")
     s.add_argument("output", nargs="?", default="demo-output", help="output directory (default: demo-output)")
     s.add_argument("--runner", choices=["local", "ray"], default=None, help="override runner.kind")

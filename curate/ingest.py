@@ -2,8 +2,9 @@
 on their own (missing/invalid/over-long url or caption, malformed or undecodable
 records) and cut the rows into work shards of ``input.shard_size`` rows.
 
-Shard ids are ``FFFFF-CCCCC`` (input file index, chunk index), so ingest of
-different files can run in parallel and the shard ids never depend on timing.
+Shard ids are ``HHHHHHHHHHHHHHHH-CCCCC`` (a digest of the input file's path, chunk index), so ingest of
+different files can run in parallel, and a shard's id never depends on timing nor on where its file sorts
+among the input files (``curate run --append`` adds files anywhere).
 """
 
 from __future__ import annotations
@@ -260,8 +261,9 @@ def _malformed_rows(bad: list[Malformed], path: Path, schema: pa.Schema) -> pa.T
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def ingest_file(file_index: int, path: Path, cfg: InputConfig, out_dir: Path, compression: str) -> list[ShardInfo]:
-    """Read one input file and write its shards to ``out_dir``; returns what was written."""
+def ingest_file(file_id: str, path: Path, cfg: InputConfig, out_dir: Path, compression: str) -> list[ShardInfo]:
+    """Read one input file and write its shards to ``out_dir`` (ids ``FILE_ID-CCCCC``); returns what was
+    written."""
     shards: list[ShardInfo] = []
     pending: list[pa.Table] = []
     pending_rows = 0
@@ -269,7 +271,7 @@ def ingest_file(file_index: int, path: Path, cfg: InputConfig, out_dir: Path, co
 
     def flush(tables: list[pa.Table]) -> None:
         table = pa.concat_tables(tables, promote_options="permissive")
-        shard = f"{file_index:05d}-{len(shards):05d}"
+        shard = f"{file_id}-{len(shards):05d}"
         table = table.append_column(S.SHARD, pa.array([shard] * table.num_rows, pa.string()))
         dest = out_dir / f"{shard}.parquet"
         write_parquet_atomic(table, dest, compression)

@@ -19,6 +19,12 @@ from typing import Any
 class Layout:
     root: Any  # Path | UPath
     work_dir: Any = None  # Path | UPath | None
+    #: the generation of each segment's column groups in this run (see curate.runners.flow): a segment redone
+    #: for a changed fit, an append or a retry writes a new generation and reads the older one as its row cache
+    gens: tuple[int, ...] = ()
+
+    def gen(self, k: int) -> int:
+        return self.gens[k] if k < len(self.gens) else 0
 
     @property
     def data(self) -> Path:

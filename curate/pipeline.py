@@ -8,6 +8,7 @@ and the output ends up the same as an uninterrupted run's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -25,11 +26,12 @@ from curate.dup_groups import write_after_run
 from curate.ingest import STAGE_ID as INPUT_ID
 from curate.ingest import ShardInfo, check_input
 from curate.io.files import InputError, list_input_files, write_bytes_atomic, write_json_atomic, write_text_atomic
-from curate.io.manifest import build_manifest, describe_changes, read_manifest
+from curate.io.manifest import added_files, build_manifest, describe_changes, read_manifest
 from curate.layout import Layout
 from curate.runners import make_runner
 from curate.runners.base import Runner, restore_state
 from curate.runners.common import Segment, SegmentJob, split_segments
+from curate.runners.flow import RowCache
 from curate.stage import Stage
 from curate.stats import build_stats
 
@@ -80,48 +82,52 @@ def build_stages(config: Config) -> list[Stage]:
     return stages
 
 
-def _input_change(layout: Layout, manifest: dict[str, Any]) -> str | None:
-    """How the current input differs from the one the output was started with (None: it does not)."""
-    old = read_manifest(layout.input_manifest)
-    if old is None:
-        return "no input manifest was recorded for it"
-    return describe_changes(old, manifest)
-
-
-def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any]) -> dict[str, Any] | None:
+def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any], append: bool = False,
+                   retry: bool = False) -> dict[str, Any] | None:
     """Create the output dir; returns the record (``run.json``) of the previous run to build on, or None.
 
     Same config and input: the previous run is resumed.  Another config on the same input: an
     incremental re-run -- the segments whose fingerprint is unchanged are reused (see
     ``curate.incremental``; decided once the input is ingested).  A resume or re-run must read the
-    very input the output was started with (``manifest``, see ``curate.io.manifest``); otherwise it is
-    refused, or with ``output.overwrite`` the output is started over from the current input (as it is
-    for another config with ``output.overwrite``).
+    very input the output was started with (``manifest``, see ``curate.io.manifest``), or with ``append`` that
+    input and more files; otherwise it is refused, or with ``output.overwrite`` the output is started over
+    from the current input (as it is for another config with ``output.overwrite``).  ``retry``: the run
+    fetches failed rows again (a re-run even with the same config and input).
     """
     from curate.incremental import base_fingerprint
     from curate.io import fs
     from curate.io.remote import is_remote, remove
 
     h = config.work_hash()
-    base = base_fingerprint(config, manifest)
+    base = base_fingerprint(config)
     if layout.run_file.exists():
         prev = json.loads(layout.run_file.read_text())
-        change = _input_change(layout, manifest)
-        if change is not None and not config.output.overwrite:
+        old = read_manifest(layout.input_manifest)
+        change = describe_changes(old, manifest) if old is not None else "no input manifest was recorded for it"
+        added = added_files(old, manifest) if old is not None and change is not None else None
+        grown = bool(append and added)
+        if change is not None and not grown and not config.output.overwrite:
+            hint = ("--append takes added files only; " if append else
+                    "run with --append to add the new files' rows to this output, " if added else "")
             raise InputError(f"output.path {layout.root}: input changed since this output was started: "
-                             f"{change}; use a new output.path or --set output.overwrite=true to start over "
+                             f"{change}; {hint}use a new output.path or --set output.overwrite=true to start over "
                              "from the current input")
-        if change is None and prev.get("work_hash") == h:
+        if change is None and prev.get("work_hash") == h and not retry:
             log.info("resuming the run in %s", layout.root)
             return prev
-        if change is not None:
+        if change is not None and not grown:
             log.warning("input changed since %s was started (%s); starting over (output.overwrite)",
                         layout.root, change)
-        elif config.output.overwrite:
+        elif config.output.overwrite and prev.get("work_hash") != h:
             log.warning("%s was made with another config; starting over (output.overwrite)", layout.root)
         elif prev.get("base") == base and fs.exists(layout.ingest):
-            log.info("%s was made with another config: re-running the segments that changed", layout.root)
-            fs.remove(layout.work / "output_schema.arrow")  # rebuilt for the new stages
+            if grown:
+                log.info("appending %d input file(s) to %s: their rows go through every stage, the global stages "
+                         "are fitted again over all rows, every other row's finished work is reused",
+                         len(added), layout.root)
+            elif prev.get("work_hash") != h:
+                log.info("%s was made with another config: re-running the segments that changed", layout.root)
+            fs.remove(layout.work / "output_schema.arrow")  # rebuilt for the new stages and input files
             return prev
         else:
             log.warning("%s was made with other input settings, another curate version, or its work folder "
@@ -143,32 +149,62 @@ def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any]) -> 
     return None
 
 
+def retry_types(stages: list[Stage], retry_failed: list[str] | None) -> dict[str, list[str]]:
+    """Stage id -> the error types ``--retry-failed`` fetches again ([]: each stage's transient ones)."""
+    if retry_failed is None:
+        return {}
+    out = {st.id: list(retry_failed or st.transient_errors) for st in stages if st.transient_errors}
+    if not out:
+        raise ConfigError("--retry-failed: the pipeline has no stage whose failures can be retried (download)")
+    return out
+
+
 def _plan_segments(config: Config, layout: Layout, prev: dict[str, Any] | None, manifest: dict[str, Any],
-                   segments: list[Segment], schema: pa.Schema) -> list[dict[str, Any]]:
+                   segments: list[Segment], schema: pa.Schema, retry: dict[str, list[str]]) \
+        -> tuple[list[dict[str, Any]], Layout, dict[int, RowCache]]:
     """Fingerprint the segments, drop the previous run's work from the first changed one on, record them.
 
-    Returns one record per segment, with ``reused``: its work comes from a previous run."""
+    Returns one record per segment, with ``reused``: its work comes from a previous run, the layout with each
+    segment's column-group generation, and each segment's row cache."""
     from curate import incremental
 
     run = json.loads(layout.run_file.read_text())
-    run["base"] = incremental.base_fingerprint(config, manifest)
-    records = incremental.segment_records(config, run["base"], segments, schema)
+    run["base"] = incremental.base_fingerprint(config)
+    retries = dict(run.get("retries") or {})
+    for sid in retry:
+        retries[sid] = retries.get(sid, 0) + 1
+    records = incremental.segment_records(config, run["base"], segments, schema,
+                                          incremental.files_digest(manifest), retries)
+    old = (prev or {}).get("segments") or []
     k = len(records)
     if prev is None:  # a new output
         k = 0
-    elif prev.get("work_hash") != config.work_hash():  # another config: reuse what did not change
-        old = prev.get("segments") or []
+    elif old or prev.get("work_hash") != config.work_hash():  # reuse what did not change
         k = incremental.first_change(old, records)
-        incremental.invalidate(layout, old, k)
-        for line in incremental.describe(records, k, old):
-            log.info("%s", line)
+        if k < len(records) or len(old) != len(records):
+            incremental.invalidate(layout, old, k, len(records))
+            cause = "the input gained files" if read_manifest(layout.input_manifest) != manifest else \
+                "failed rows are fetched again" if retry else None
+            for line in incremental.describe(records, k, old, cause):
+                log.info("%s", line)
     for rec in records:
-        rec["reused"] = prev is not None and rec["index"] < k
+        j = rec["index"]
+        rec["reused"] = prev is not None and j < k
+        was = old[j].get("gen", 0) if j < len(old) else None
+        rec["gen"] = 0 if was is None else was if j < k else was + 1
+    if read_manifest(layout.input_manifest) != manifest:  # appended files: recorded once their work is planned
+        write_json_atomic(manifest, layout.input_manifest)
     # the work is consistent with the new records only now: record them last
-    write_json_atomic({**run, "work_hash": config.work_hash(), "segments": [
-        {key: r[key] for key in ("index", "fingerprint", "stages", "final", "output")} for r in records]},
+    write_json_atomic({**run, "work_hash": config.work_hash(), "retries": retries, "segments": [
+        {key: r[key] for key in ("index", "fingerprint", "stages", "final", "output", "gen")} for r in records]},
         layout.run_file)
-    return records
+    layout = dataclasses.replace(layout, gens=tuple(r["gen"] for r in records))
+    fps = incremental.row_fingerprints(config, segments)
+    caches = {seg.index: RowCache([st.id for st in seg.stages], {st.id: fps[st.id] for st in seg.stages},
+                                  {st.id: [f.name for f in st.output_fields()] for st in seg.stages},
+                                  {sid: types for sid, types in retry.items() if any(st.id == sid for st in seg.stages)})
+              for seg in segments}
+    return records, layout, caches
 
 
 def output_schema(ingest_paths: list[str], stages: list[Stage]) -> pa.Schema:
@@ -203,7 +239,10 @@ def _load_or_build_schema(layout: Layout, shards: list[ShardInfo], stages: list[
     return schema
 
 
-def execute(config: Config) -> RunResult:
+def execute(config: Config, append: bool = False, retry_failed: list[str] | None = None) -> RunResult:
+    """Run ``config``.  ``append``: the input gained files since the output was started (refused otherwise);
+    ``retry_failed``: fetch again the rows the download rejected with these error types ([]: its transient
+    ones) -- see README "Iterating on a corpus"."""
     t_start = time.time()
     layout = output_layout(config)
     own = tuple(str(d).rstrip("/") + "/" for d in (layout.data, layout.rejected, layout.work))
@@ -214,7 +253,8 @@ def execute(config: Config) -> RunResult:
     check_input(files, config.input)
     stages = build_stages(config)
     manifest = build_manifest(config.input.path, files)
-    prev = prepare_output(config, layout, manifest)
+    retry = retry_types(stages, retry_failed)
+    prev = prepare_output(config, layout, manifest, append=append, retry=bool(retry))
     write_text_atomic(config.to_yaml(), layout.config)
     run_id = f"{int(t_start)}-{uuid.uuid4().hex[:6]}"
     stage_ids = [INPUT_ID] + [s.id for s in stages]
@@ -229,14 +269,14 @@ def execute(config: Config) -> RunResult:
                  " (resumed)" if prev is not None and prev.get("work_hash") == config.work_hash() else "")
         schema = _load_or_build_schema(layout, shards, stages)
         segments = split_segments(stages)
-        plan = _plan_segments(config, layout, prev, manifest, segments, schema)
-        _run_segments(config, runner, layout, segments, shards, schema, stage_ids, run_id)
+        plan, layout, caches = _plan_segments(config, layout, prev, manifest, segments, schema, retry)
+        _run_segments(config, runner, layout, segments, shards, schema, stage_ids, run_id, caches)
     n_seg = len(segments)
     for st in stages:
         if st.needs_fit and st.state is None:
             restore_state(st, layout)  # its segment was done before this run: stats.json describes its state
     stats = build_stats(layout, stage_ids, stages, config, final_segment=n_seg - 1,
-                        wall_seconds=time.time() - t_start)
+                        wall_seconds=time.time() - t_start, run_id=run_id)
     write_json_atomic(stats, layout.stats)
     if not config.output.keep_work:
         _cleanup(layout, n_seg)
@@ -247,7 +287,8 @@ def execute(config: Config) -> RunResult:
 
 
 def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list[Segment],
-                  shards: list[ShardInfo], schema: pa.Schema, stage_ids: list[str], run_id: str) -> None:
+                  shards: list[ShardInfo], schema: pa.Schema, stage_ids: list[str], run_id: str,
+                  caches: dict[int, RowCache] | None = None) -> None:
     """Run the segments in order; only the shards without a done marker are run again.
 
     Each segment reads only the rows still live at its start (see ``curate.runners.flow``); a global
@@ -262,7 +303,7 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
         final = seg.index == len(segments) - 1
         job = SegmentJob(seg, {}, {}, final, layout, schema, stage_ids, config.output.compression,
                          view_columns(segments, schema, seg.index), config.output.row_group_rows,
-                         config.output.row_group_bytes)
+                         config.output.row_group_bytes, (caches or {}).get(seg.index), run_id)
         finished = done_shards(layout, seg.index)  # one listing, not a request per shard
         pending = [sh for sh in base if sh not in finished]
         if not pending:
@@ -308,8 +349,12 @@ def _write_report(layout: Layout) -> None:
         log.exception("could not write the report")
 
 
-def run(config: str | Path | dict | Config, **overrides: Any) -> RunResult:
+def run(config: str | Path | dict | Config, *, append: bool = False, retry_failed: list[str] | None = None,
+        **overrides: Any) -> RunResult:
     """Python API: ``curate.run("configs/demo.yaml", **{"output.path": "/tmp/out"})``.
+
+    ``append=True`` / ``retry_failed=[...]`` are ``curate run --append`` / ``--retry-failed`` (see
+    :func:`execute`).
 
     Keyword names may use ``__`` for dots (``output__path=...``); dict values
     are flattened (``runner={"kind": "ray"}``).
@@ -325,4 +370,4 @@ def run(config: str | Path | dict | Config, **overrides: Any) -> RunResult:
 
     for k, v in overrides.items():
         _flatten(k.replace("__", "."), v)
-    return execute(load_config(config, flat))
+    return execute(load_config(config, flat), append=append, retry_failed=retry_failed)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema as S
-from curate.io.views import read_view
+from curate.io.views import read_view, view_connection
 
 _SIGN = np.uint32(0x80000000)
 _LOW = np.uint32(0xFFFF)
@@ -52,14 +52,18 @@ def _bucket_counts(args: tuple[list[str], str, int | None]) -> dict[int, int]:
     """Counts of high 16-bit key buckets, or with ``high`` given, of low 16 bits inside that bucket."""
     paths, column, high = args
     counts: dict[int, int] = {}
-    for path in paths:  # one shard's fit view (or file) at a time
-        t = read_view(path, [column, S.REJECT_REASON])  # a shard that never made `column` has no such column
-        for lo in range(0, t.num_rows, 262_144):
-            keys = sortable_keys(active_values(t.slice(lo, 262_144), column))
-            sub = keys >> _SHIFT if high is None else keys[(keys >> _SHIFT) == np.uint32(high)] & _LOW
-            uniq, n = np.unique(sub, return_counts=True)
-            for k, c in zip(uniq.tolist(), n.tolist()):
-                counts[k] = counts.get(k, 0) + c
+    con = view_connection()  # one for the task's shards
+    try:
+        for path in paths:  # one shard's fit view (or file) at a time
+            t = read_view(path, [column, S.REJECT_REASON], con)  # a shard that never made `column` lacks it
+            for lo in range(0, t.num_rows, 262_144):
+                keys = sortable_keys(active_values(t.slice(lo, 262_144), column))
+                sub = keys >> _SHIFT if high is None else keys[(keys >> _SHIFT) == np.uint32(high)] & _LOW
+                uniq, n = np.unique(sub, return_counts=True)
+                for k, c in zip(uniq.tolist(), n.tolist()):
+                    counts[k] = counts.get(k, 0) + c
+    finally:
+        con.close()
     return counts
 
 

@@ -65,6 +65,22 @@ def private_home(base: Path | None = None) -> Path:
     return home
 
 
+_PROCESS_HOME: list[Path] = []
+
+
+def process_home() -> Path:
+    """The private HOME of every local Ray instance this process starts, removed when the process exits.  One
+    per process, not per instance: the first ``ray.init`` turns token authentication on for the process and
+    keeps its token (``HOME/.ray/auth_token``); a later instance with another HOME finds no token and its GCS
+    aborts (a notebook's second run)."""
+    if not _PROCESS_HOME or not _PROCESS_HOME[0].exists():
+        import atexit
+
+        _PROCESS_HOME[:] = [private_home()]
+        atexit.register(shutil.rmtree, _PROCESS_HOME[0], True)
+    return _PROCESS_HOME[0]
+
+
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
                 object_store_memory: int | None = None) -> Iterator[None]:
@@ -95,7 +111,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     finally:
         fs.ray_env_inherited = False
         ray.shutdown()
-        shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -192,7 +207,7 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None,
         cleanup_stale_instances()
     except Exception:  # noqa: BLE001 - cleaning up after others must never stop a run
         log.warning("could not clean up stale local Ray instances", exc_info=True)
-    home = private_home()
+    home = process_home()
     # Ray's unix sockets need a short path: keep the session dir directly under /tmp
     temp_dir = tempfile.mkdtemp(prefix="curate-ray-")
     old_home = os.environ.get("HOME")

@@ -91,6 +91,9 @@ class Stage:
     needs: ClassVar[tuple[str, ...]] = ()
     produces: ClassVar[tuple[str, ...]] = ()
     kind: ClassVar[str] = "map"
+    #: error types of this stage's rejections that may pass on another try (``--retry-failed``'s default;
+    #: ``*`` matches any characters, e.g. ``http_5*``)
+    transient_errors: ClassVar[tuple[str, ...]] = ()
     #: defaults for Resources; params (num_cpus, batch_size...) override them
     default_resources: ClassVar[Resources] = Resources()
 
@@ -143,18 +146,22 @@ class Stage:
             self._setup_attrs = set(vars(self)) - before - {"_setup_attrs"}
             self._ready = True
 
-    def ensure_teardown(self) -> None:
+    def ensure_teardown(self, release: bool = True) -> bool:
         """Tear down and drop every attribute ``setup`` created (models, tokenizers), freeing their memory
-        -- GPU memory included -- so the stages of different segments are never resident together."""
+        -- GPU memory included -- so the stages of different segments are never resident together.
+        ``release=False``: the caller collects garbage once after tearing down several stages (a full
+        collection costs ~0.3 s with models loaded).  Returns whether the stage was set up."""
         if not self._ready:
-            return
+            return False
         try:
             self.teardown()
         finally:
             for name in getattr(self, "_setup_attrs", ()):
                 self.__dict__.pop(name, None)
             self._ready = False
-            release_memory()
+            if release:
+                release_memory()
+        return True
 
     def process(self, table: pa.Table) -> pa.Table:
         raise NotImplementedError
@@ -191,9 +198,9 @@ class Stage:
         """Apply the stage to a batch that may hold already-rejected rows.
 
         Only rows not yet rejected are given to ``process`` (unless the stage ``applies_to`` all rows);
-        the others pass through with null output columns.  The row count is checked.
+        the others pass through with null output columns.  The row count is checked.  The stage is set up
+        (its model loaded) on the first batch with a row to run on: not for rows whose result is cached.
         """
-        self.ensure_setup()
         return apply_to_active(self, table)
 
     def __call__(self, table: pa.Table) -> StageResult:
@@ -203,30 +210,84 @@ class Stage:
         return StageResult(out, self.id, time.perf_counter() - t0)
 
 
+#: column prefixes of the row cache (see curate.runners.flow.attach_cache): ``__rc:SID`` a cached result is
+#: attached, ``__rv:SID:COL`` / ``__rr:SID`` / ``__rd:SID`` / ``__re:SID`` its values and rejection;
+#: ``__rn:SID``: the stage ran on the row in this run (counted, then dropped when the shard is written)
+HIT, VALUE, REASON, DETAIL, ERROR, COMPUTED = "__rc:", "__rv:", "__rr:", "__rd:", "__re:", "__rn:"
+
+
+def _cache_columns(table: pa.Table, sid: str) -> list[str]:
+    exact = {HIT + sid, REASON + sid, DETAIL + sid, ERROR + sid}
+    return [c for c in table.column_names if c in exact or c.startswith(VALUE + sid + ":")]
+
+
+def _from_cache(stage: "Stage", part: pa.Table) -> pa.Table:
+    """Rows whose result for ``stage`` is cached: its columns and rejection set from the cache."""
+    sid = stage.id
+    for f in stage.output_fields():
+        src = VALUE + sid + ":" + f.name
+        col = part[src].cast(f.type) if src in part.column_names else pa.nulls(part.num_rows, f.type)
+        i = part.schema.get_field_index(f.name)
+        part = part.set_column(i, f, col) if i >= 0 else part.append_column(f, col)
+    reason = part[REASON + sid]
+    mask = pc.is_valid(reason)
+    if pc.any(mask).as_py():
+        part = mark_rejected(part, mask, reason.combine_chunks(), sid, part[DETAIL + sid].combine_chunks(),
+                             part[ERROR + sid].combine_chunks())
+    return part
+
+
 def apply_to_active(stage: "Stage", table: pa.Table) -> pa.Table:
-    """Run ``stage.process`` on the rows of ``table`` not yet rejected; keep order and count."""
+    """Run ``stage.process`` on the rows of ``table`` not yet rejected; keep order and count.
+
+    A row that carries the stage's cached result (an older generation of the segment ran the stage on it
+    with the same row fingerprint) takes it instead of running the stage again.  The rows the stage ran on
+    are flagged in ``__rn:SID`` (counted per shard)."""
     missing = [c for c in stage.needs if c not in table.column_names]
     if missing:
         raise StageError(f"stage {stage.id!r} needs column(s) {missing} that no earlier stage produced")
     fields = stage.output_fields()
     active = pc.is_null(table[S.REJECT_REASON])
-    n_active = pc.sum(active).as_py() or 0
-    if n_active == 0:
-        return annotate_rejected(stage, table)
-    if n_active == table.num_rows:
-        out = stage.process(table)
+    cached = _cache_columns(table, stage.id)
+    if HIT + stage.id in table.column_names and stage.applies_to != "all":
+        hit = pc.and_(active, pc.fill_null(table[HIT + stage.id], False))
+        run = pc.and_(active, pc.invert(hit))
+    else:
+        hit, run = None, active
+    n_run = pc.sum(run).as_py() or 0
+    if n_run or (stage.applies_to == "all" and table.num_rows):
+        stage.ensure_setup()
+    if n_run == table.num_rows:
+        out = stage.process(table.drop_columns(cached))
         _check_same_rows(stage, table, out)
-        return add_missing(out, fields)
-    idx_active = pc.indices_nonzero(active)
-    idx_passive = pc.indices_nonzero(pc.invert(active))
-    part = table.take(idx_active)
-    out = stage.process(part)
-    _check_same_rows(stage, part, out)
-    out = add_missing(out, fields)
-    passive = annotate_rejected(stage, table.take(idx_passive))
-    merged = pa.concat_tables([out, passive.select(out.column_names)], promote_options="permissive")
-    order = np.argsort(np.concatenate([idx_active.to_numpy(), idx_passive.to_numpy()]), kind="stable")
-    return merged.take(pa.array(order))
+        out = add_missing(out, fields)
+    elif n_run == 0 and hit is None:
+        out = annotate_rejected(stage, table.drop_columns(cached))
+    else:
+        pieces, order = [], []
+        idx_run = pc.indices_nonzero(run)
+        if n_run:
+            part = table.take(idx_run).drop_columns(cached)
+            done = stage.process(part)
+            _check_same_rows(stage, part, done)
+            pieces.append(add_missing(done, fields))
+            order.append(idx_run.to_numpy())
+        if hit is not None and pc.any(hit).as_py():
+            idx_hit = pc.indices_nonzero(hit)
+            pieces.append(_from_cache(stage, table.take(idx_hit)).drop_columns(cached))
+            order.append(idx_hit.to_numpy())
+        idx_passive = pc.indices_nonzero(pc.invert(active))
+        if len(idx_passive):
+            pieces.append(annotate_rejected(stage, table.take(idx_passive).drop_columns(cached)))
+            order.append(idx_passive.to_numpy())
+        names = pieces[0].column_names
+        merged = pa.concat_tables([p.select(names) for p in pieces], promote_options="permissive")
+        out = merged.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+    if stage.applies_to != "all":
+        flag = pc.fill_null(run, False)
+        i = out.schema.get_field_index(COMPUTED + stage.id)
+        out = out.set_column(i, COMPUTED + stage.id, flag) if i >= 0 else out.append_column(COMPUTED + stage.id, flag)
+    return out
 
 
 def threshold(metric: str, value: float, side: str, name: str) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def _sum_seconds(layout: Layout, markers: dict[str, list[dict[str, Any]]]) -> di
 
 
 def build_stats(layout: Layout, stage_ids: list[str], stages: list, config: Any, final_segment: int,
-                wall_seconds: float) -> dict[str, Any]:
+                wall_seconds: float, run_id: str | None = None) -> dict[str, Any]:
     """stats.json of a finished run: the shards' counts (their final done markers) added up.
 
     ``stages``: the run's stages, each global one with its fitted state set (its ``describe`` and
@@ -108,6 +108,15 @@ def build_stats(layout: Layout, stage_ids: list[str], stages: list, config: Any,
                 "thresholds": st.thresholds()}
 
     lines = funnel(stage_ids, rows, rejected, errors, extra)
+    if run_id is not None:  # rows each stage ran on in this run; the others took their result from the row cache
+        computed: Counter = Counter()
+        for infos in markers.values():
+            for info in infos:
+                if info.get("run") == run_id:
+                    computed.update(info.get("computed") or {})
+        for line in lines:
+            if line["id"] in described and not described[line["id"]].needs_fit:
+                line["rows_computed"] = int(computed.get(line["id"], 0))
     run = run_summary(rows, lines, shards=shards, runner=config.runner.kind, wall_seconds=round(wall_seconds, 3),
                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), config_hash=config.work_hash())
     return {"run": run, "stages": lines}

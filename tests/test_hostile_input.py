@@ -22,7 +22,7 @@ import yaml
 
 import curate
 from curate.io.files import InputError
-from curate.io.manifest import file_key
+from curate.io.manifest import file_id, file_key
 from helpers import read_dir, rows_by_uid
 
 ROWS = 12
@@ -171,17 +171,23 @@ def test_ingest_markers_are_keyed_by_file(tmp_path):
         [("a.jsonl", (d / "a.jsonl").stat().st_size), ("b.jsonl", (d / "b.jsonl").stat().st_size)]
     markers = {p.stem: json.loads(p.read_text()) for p in (out / "_work" / "done" / "ingest").glob("*.json")}
     assert set(markers) == {file_key(e) for e in manifest["files"]}
-    for i, e in enumerate(manifest["files"]):
+    for e in manifest["files"]:
         m = markers[file_key(e)]
-        assert m["file"] == e and m["index"] == i
-        assert all(s["shard"].startswith(f"{i:05d}-") for s in m["shards"])
-    # a marker is reused only for the same file at the same index: elsewhere the file is ingested again
+        fid = file_id(e, str(d))
+        assert m["file"] == e and m["file_id"] == fid
+        assert all(s["shard"].startswith(f"{fid}-") for s in m["shards"])
+    # shard ids come from the file's path relative to input.path: not from its position among the files
+    assert file_id(manifest["files"][0], str(d)) == file_id({"path": str(tmp_path / "elsewhere" / "a.jsonl")},
+                                                            str(tmp_path / "elsewhere"))
+    assert len({file_id(e, str(d)) for e in manifest["files"]}) == 2
+    # a marker is reused only for the same file under the same id: else the file is ingested again
     a = manifest["files"][0]
     cfg = InputConfig(path=str(d), shard_size=5)
-    assert [s["shard"] for s in ingest_task((0, a, cfg, Layout(out), "zstd", None))] == \
+    assert [s["shard"] for s in ingest_task((file_id(a, str(d)), a, cfg, Layout(out), "zstd", None))] == \
         [s["shard"] for s in markers[file_key(a)]["shards"]]
-    again = ingest_task((7, a, cfg, Layout(out), "zstd", None))
-    assert [s["shard"] for s in again] == ["00007-00000", "00007-00001", "00007-00002"]
+    again = ingest_task(("00000000000000ab", a, cfg, Layout(out), "zstd", None))
+    assert [s["shard"] for s in again] == ["00000000000000ab-00000", "00000000000000ab-00001",
+                                          "00000000000000ab-00002"]
 
 
 @pytest.mark.ray

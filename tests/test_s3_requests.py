@@ -37,6 +37,7 @@ def _bench():
 # than that first read, one more GET for the columns; the part files of a column group are found by one LIST of
 # the shard's prefix (``seg-K/SHARD~``).
 WRITES = 3  # the column group and the fit view (final segment: data/ and rejected/), then the done marker
+FINAL_WRITES = 4  # the final segment also writes its (small) column group: the row cache of a later re-run
 SMALL_READ, PARQUET_READ, FOOTER_READ = 2, 3, 2
 
 
@@ -90,7 +91,7 @@ def test_requests_per_shard_and_segment_are_bounded(s3_log, demo_input, monkeypa
     for seg in segments:
         k = int(seg[4:])
         pb, view = b[seg], k < len(segments) - 1  # every later segment opens with a global stage: a view each
-        bound = shard_bound(k, view)
+        bound = shard_bound(k, view) + (0 if view else FINAL_WRITES - WRITES)
         worst = max(pb.by_shard.items(), key=lambda x: x[1])
         assert len(pb.by_shard) == S and pb.max_per_shard <= bound, \
             f"{seg}: {worst[1]} requests about shard {worst[0]}'s files, more than the {bound} it needs" + report
@@ -98,7 +99,8 @@ def test_requests_per_shard_and_segment_are_bounded(s3_log, demo_input, monkeypa
         # (done/) once per segment, never once per shard
         assert pb.lists["shard"] <= S * (k + (k + 1 if view else 0)), f"{seg}: {pb.lists['shard']} LISTs" + report
         assert pb.lists["folder"] <= 2 and pb.lists["exists"] <= 1, f"{seg}: {dict(pb.lists)}" + report
-        assert pb.kinds["PUT"] <= WRITES * S and pb.kinds["MPU"] == 0, f"{seg}: {dict(pb.kinds)}" + report
+        writes = WRITES if view else FINAL_WRITES
+        assert pb.kinds["PUT"] <= writes * S and pb.kinds["MPU"] == 0, f"{seg}: {dict(pb.kinds)}" + report
         assert pb.shared <= SHARED_FIXED + SHARED_PER_SHARD * S, \
             f"{seg}: {pb.shared} requests about no shard's file ({S} shards)" + report
     # a global stage's fit reads, per shard, its view and the files the view names (DuckDB through fsspec:

@@ -37,12 +37,15 @@ class _Server(ThreadingHTTPServer):
         self.slow_seconds = slow_seconds
         self.stop_event = threading.Event()
         self.hits = 0  # requests answered (GET and HEAD), for tests and benchmarks
+        self.requested: list[str] = []  # their paths, in order
+        self.failing: dict[str, int] = {}  # path -> status answered instead of the file (DemoServer.fail)
         self._hits_lock = threading.Lock()
         super().__init__(addr, _Handler)
 
-    def count_hit(self) -> None:
+    def count_hit(self, path: str = "") -> None:
         with self._hits_lock:
             self.hits += 1
+            self.requested.append(path)
 
     def handle_error(self, request, client_address):  # client went away etc.: not worth a traceback
         log.debug("demo server: error while serving %s", client_address, exc_info=True)
@@ -58,11 +61,11 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("demo server %s: " + format, self.address_string(), *args)
 
     def do_GET(self):
-        self.server.count_hit()
+        self.server.count_hit(urlsplit(self.path).path)
         self._respond(body=True)
 
     def do_HEAD(self):
-        self.server.count_hit()
+        self.server.count_hit(urlsplit(self.path).path)
         self._respond(body=False)
 
     def _resolve(self, path: str) -> Path | None:
@@ -84,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
             if srv.stop_event.wait(delay):  # server stopping: drop the connection unanswered
                 self.close_connection = True
                 return
-        status = int(route.get("status", 200))
+        status = int(srv.failing.get(path) or route.get("status", 200))
         target = self._resolve(path) if status == 200 else None
         if target is None:
             status = status if status != 200 else 404
@@ -122,6 +125,19 @@ class DemoServer:
     def hits(self) -> int:
         """Requests the server has answered since it started."""
         return self._httpd.hits if self._httpd is not None else 0
+
+    @property
+    def requested(self) -> list[str]:
+        """The paths of the requests answered so far, in order (a copy)."""
+        return list(self._httpd.requested) if self._httpd is not None else []
+
+    def fail(self, paths: list[str], status: int = 503) -> None:
+        """Answer ``status`` (e.g. 503 of an overloaded origin) to requests for these URL paths from now on."""
+        self._httpd.failing.update({p: status for p in paths})
+
+    def heal(self) -> None:
+        """Serve every path normally again."""
+        self._httpd.failing.clear()
 
     @property
     def base_url(self) -> str:

@@ -6,8 +6,8 @@ it reads the very same input.
     {"version": 1, "input_path": "<input.path as configured>",
      "files": [{"path": "/abs/a.csv", "size": 10, "mtime_ns": 1700000000000000000}, ...]}
 
-``files`` is in shard order: the shard id ``FFFFF-CCCCC`` uses a file's index
-in this list.  An entry is a plain dict so that object-storage inputs can add
+A shard id is ``HHHHHHHHHHHHHHHH-CCCCC``: a digest of the file's path and the chunk index, so that it
+never depends on where the file sorts among the inputs (``--append`` adds files anywhere).  An entry is a plain dict so that object-storage inputs can add
 their own fields later (e.g. ``etag`` instead of ``mtime_ns``); ``file_key``
 and ``describe_changes`` use every field an entry has.
 """
@@ -97,3 +97,41 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str | None:
         return None
     more = len(changes) - MAX_NAMED
     return ", ".join(changes[:MAX_NAMED]) + (f" and {more} more" if more > 0 else "")
+
+
+def added_files(old: dict[str, Any], new: dict[str, Any]) -> list[str] | None:
+    """The paths ``new`` adds to ``old`` when that is its only change (every old file still there, unchanged);
+    None otherwise (a file removed or rewritten)."""
+    if old.get("version") != new.get("version"):
+        return None
+    after = {e["path"]: e for e in new["files"]}
+    if any(after.get(e["path"]) != e for e in old["files"]):
+        return None
+    before = {e["path"] for e in old["files"]}
+    return [p for p in after if p not in before]
+
+
+def relative_path(path: str, input_path: str) -> str:
+    """``path`` (a manifest entry's: resolved local path or URI) relative to ``input.path`` (a folder or file)."""
+    from curate.io import remote
+
+    wild = [i for i in (str(input_path).find(c) for c in "*?[") if i >= 0]
+    if wild:  # a glob: relative to the folder above its first wildcard
+        input_path = str(input_path)[:min(wild)].rsplit("/", 1)[0] or "/"
+    if remote.is_remote(path):
+        root = str(input_path).rstrip("/")
+        return path[len(root) + 1:] if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
+    root = Path(input_path).expanduser().resolve()
+    p = Path(path)
+    try:
+        return p.relative_to(root).as_posix() if root.is_dir() else p.name
+    except ValueError:
+        return p.name
+
+
+def file_id(entry: Entry, input_path: str) -> str:
+    """The shard id prefix of an input file: 16 hex digits of the SHA-256 of its path relative to ``input.path``
+    (the same wherever the input folder is; 64 bits: no two files of a corpus of millions share one -- checked
+    at ingest anyway)."""
+    rel = relative_path(str(entry["path"]), input_path)
+    return hashlib.sha256(rel.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -13,7 +13,7 @@ from curate.ingest import ShardInfo, ingest_file
 from curate.context import FitContext
 from curate.io import fs
 from curate.io.files import InputError, write_bytes_atomic, write_json_atomic
-from curate.io.manifest import Entry, entry_change, file_entry, file_key
+from curate.io.manifest import Entry, entry_change, file_entry, file_id, file_key
 from curate.io.remote import input_path
 from curate.layout import Layout
 from curate.runners.common import SegmentJob
@@ -33,22 +33,21 @@ def ingest_task(args: tuple[int, Entry, InputConfig, Layout, str, Any]) -> list[
     """Ingest one input file unless a previous run already did.
 
     The done marker is named by the file's key (resolved path, size, mtime), not by its
-    position, and holds the entry and index it was made for: a marker is reused only for
-    the very same file at the same index (its shard ids ``FFFFF-CCCCC`` use the index).
+    position, and holds the entry and file id it was made for (its shard ids ``FILE_ID-CCCCC``).
     """
-    index, entry, cfg, layout, compression, storage = args  # storage: the config's storage: section
+    fid, entry, cfg, layout, compression, storage = args  # storage: the config's storage: section
     marker = layout.done("ingest") / f"{file_key(entry)}.json"
     if marker.exists():
         done = json.loads(marker.read_text())
-        if done.get("file") == entry and done.get("index") == index:
+        if done.get("file") == entry and done.get("file_id") == fid:
             return done["shards"]
-        log.warning("%s: ingest marker %s was made for another file or index; ingesting again",
+        log.warning("%s: ingest marker %s was made for another file or shard naming; ingesting again",
                     entry["path"], marker.name)
     _check_unchanged(entry, "since the run started", storage)
     path = input_path(entry["path"], storage)
-    shards = [s.__dict__ for s in ingest_file(index, path, cfg, layout.ingest, compression)]
+    shards = [s.__dict__ for s in ingest_file(fid, path, cfg, layout.ingest, compression)]
     _check_unchanged(entry, "while it was read", storage)
-    write_json_atomic({"file": entry, "index": index, "shards": shards}, marker)
+    write_json_atomic({"file": entry, "file_id": fid, "shards": shards}, marker)
     return shards
 
 
@@ -78,8 +77,13 @@ class Runner:
 
     def ingest(self, files: list[Entry], cfg: InputConfig, layout: Layout, compression: str,
                storage: Any = None) -> list[ShardInfo]:
-        """Ingest the input manifest's files (in its order: a file's index is its shard id prefix)."""
-        jobs = [(i, f, cfg, layout, compression, storage) for i, f in enumerate(files)]
+        """Ingest the input manifest's files (a digest of a file's path is its shard id prefix)."""
+        ids = [file_id(f, cfg.path) for f in files]
+        seen: dict[str, str] = {}
+        for f, i in zip(files, ids):
+            if seen.setdefault(i, f["path"]) != f["path"]:
+                raise InputError(f"input files {seen[i]} and {f['path']} share the shard id prefix {i}: rename one")
+        jobs = [(i, f, cfg, layout, compression, storage) for i, f in zip(ids, files)]
         out: list[ShardInfo] = []
         for shards in self.map(ingest_task, jobs):
             out.extend(ShardInfo(**s) for s in shards)

@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 from curate import schema as S
 from curate.io.files import ROW_GROUP_BYTES, ROW_GROUP_ROWS, write_json_atomic, write_parquet_atomic
 from curate.layout import Layout
-from curate.runners.flow import (POS, ShardRows, group_columns, live, read_group, view_sources, write_group,
-                                 write_view)
-from curate.stage import GlobalStage, Stage, annotate_rejected
+from curate.runners.flow import (POS, RowCache, ShardRows, attach_cache, group_columns, live, prune_old, read_group,
+                                 view_sources, write_group, write_view)
+from curate.stage import COMPUTED, GlobalStage, Stage, annotate_rejected
 from curate.stats import funnel
 
 
@@ -69,6 +69,15 @@ class SegmentJob:
     view_columns: list[str] | None = None  # columns of the next segment's fit view (None: no view)
     row_group_rows: int = ROW_GROUP_ROWS  # bounds of the row groups of data/ and rejected/ (output.row_group_*)
     row_group_bytes: int = ROW_GROUP_BYTES
+    cache: RowCache | None = None  # the segment's row cache (its stages' row fingerprints, what to retry)
+    run_id: str = ""  # the run that does the segment (its done markers say which run computed how many rows)
+
+    @property
+    def produces(self) -> list[str]:
+        """The columns of the segment's column group (also for the light job, which has no stage objects)."""
+        if self.cache is not None:
+            return list(dict.fromkeys(c for sid in self.cache.order for c in self.cache.produces.get(sid, [])))
+        return self.segment.produces
 
     def done_marker(self, shard: str) -> Path:
         return self.layout.done(f"seg-{self.segment.index}") / f"{shard}.json"
@@ -82,7 +91,12 @@ class SegmentJob:
         seg = Segment(self.segment.index, None, [st for st in self.segment.stages if self.final and
                                                  st.applies_to == "all"])
         return SegmentJob(seg, {}, {}, self.final, self.layout, self.schema, self.stage_ids, self.compression,
-                          self.view_columns, self.row_group_rows, self.row_group_bytes)
+                          self.view_columns, self.row_group_rows, self.row_group_bytes, self.cache, self.run_id)
+
+    def entering(self, rows: ShardRows) -> pa.Table:
+        """The rows entering the segment of one shard, with what the row cache holds for them."""
+        k = self.segment.index
+        return attach_cache(self.layout, k, rows.shard, rows.entering(k), self.cache)
 
 
 def run_stage_local(stage: Stage, table: pa.Table, timing: dict[str, float]) -> pa.Table:
@@ -105,7 +119,7 @@ def run_shard(job: SegmentJob, shard: str, stages: list[Stage]) -> int:
     shard (done marker last).  Returns its row count.  The local runner's loop body, and the Ray runner's task
     for a segment without actor-pool stages."""
     rows = job.rows(shard)
-    table = rows.entering(job.segment.index)
+    table = job.entering(rows)
     timing: dict[str, float] = {}
     for st in stages:
         table = run_stage_local(st, table, timing)
@@ -157,12 +171,14 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
     segment's column group was written in parts (Ray runner) and is read back here.
     """
     k = job.segment.index
-    info: dict[str, Any] = {"shard": shard, "seconds": timing or {}}
+    timing = dict(timing or {})
+    info: dict[str, Any] = {"shard": shard, "run": job.run_id,
+                            "computed": computed_counts(table, timing), "seconds": timing}
     if not job.final:
         if table is not None:
-            path = write_group(job.layout, k, shard, table, job.segment.produces, job.compression)
+            path = write_group(job.layout, k, shard, table, job.produces, job.compression, job.cache)
             if rows is not None:
-                rows.wrote(k, path, group_columns(table, job.segment.produces))
+                rows.wrote(k, path, group_columns(table, job.produces))
             n, after = table.num_rows, live(table)[POS]
         else:  # the parts are on disk: their positions and reject reasons tell which rows go on
             g = read_group(job.layout, k, shard, [S.REJECT_REASON])
@@ -177,6 +193,8 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
         rows = rows or job.rows(shard)
         out = table if table is not None else rows.rows(rows.live_positions(k), k + 1)
         _check(job, shard, out.num_rows)
+        if table is not None and table.num_rows:  # the segment's own columns (small: no image) as a column group
+            write_group(job.layout, k, shard, table, job.produces, job.compression, job.cache)  # row cache
         kept = S.conform(sort_shard(live(out)), job.schema)
         gone = [S.conform(_annotate(job, t), job.schema) for t in rows.rejected_before(k)]
         gone.append(S.conform(out.filter(pc.is_valid(out[S.REJECT_REASON])), job.schema))
@@ -187,4 +205,15 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
         info.update(rows=out.num_rows, live=kept.num_rows,
                     stats=shard_stats(pa.concat_tables([kept, rejected]), job.stage_ids))
     write_json_atomic(info, job.done_marker(shard))
+    prune_old(job.layout, k, shard)  # the older generation served as the row cache; the marker vouches for this one
     return info
+
+
+def computed_counts(table: pa.Table | None, timing: dict[str, float]) -> dict[str, int]:
+    """Stage id -> rows of the shard the stage ran on in this run (not taken from the row cache); the counts
+    a Ray writer summed per batch travel in ``timing`` (``__rn:SID`` keys, removed from it here)."""
+    out = {key[len(COMPUTED):]: int(timing.pop(key)) for key in list(timing) if key.startswith(COMPUTED)}
+    for name in table.column_names if table is not None else ():
+        if name.startswith(COMPUTED):
+            out[name[len(COMPUTED):]] = out.get(name[len(COMPUTED):], 0) + int(pc.sum(table[name]).as_py() or 0)
+    return out

@@ -23,6 +23,8 @@ by their positions, so a retried write replaces its own part and duplicate rows 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,17 +38,41 @@ from curate.io.files import write_parquet_atomic
 from curate.io.views import BASE, POS, REFS
 from curate.io.views import read_view, view_refs, view_schema  # noqa: F401 - their old names (tests import them)
 from curate.layout import Layout
+from curate.stage import DETAIL, ERROR, HIT, REASON, VALUE
 
 
-def group_files(layout: Layout, k: int, shard: str) -> list[Any]:
-    """The part files of segment ``k``'s column group of a shard, in position order (one listing by prefix)."""
+def part_gen(name: str) -> int:
+    """The generation of a part file: ``SHARD~gG~LO-HI-N.parquet`` (older outputs: ``SHARD~LO-HI-N``, 0)."""
+    bits = name.split("~")
+    return int(bits[1][1:]) if len(bits) == 3 and bits[1][:1] == "g" and bits[1][1:].isdigit() else 0
+
+
+def all_group_files(layout: Layout, k: int, shard: str) -> list[Any]:
+    """Every part file of segment ``k`` of a shard, of every generation (one listing by prefix)."""
     return fs.listdir(layout.segment_out(k), prefix=f"{shard}~", suffix=".parquet")
 
 
+def group_files(layout: Layout, k: int, shard: str, files: list[Any] | None = None) -> list[Any]:
+    """The part files of segment ``k``'s column group of a shard in this run's generation, in position order."""
+    g = layout.gen(k)
+    return [f for f in (all_group_files(layout, k, shard) if files is None else files) if part_gen(f.name) == g]
+
+
 def remove_group(layout: Layout, k: int, shard: str) -> None:
-    """Drop what an interrupted run wrote of a shard's column group."""
+    """Drop what an interrupted run wrote of a shard's column group (this generation's parts only: the older
+    ones are the row cache)."""
     for f in group_files(layout, k, shard):
         fs.remove(f)
+
+
+def prune_old(layout: Layout, k: int, shard: str) -> None:
+    """Drop the parts of older generations once the shard's segment is done in this one."""
+    g = layout.gen(k)
+    if g == 0:
+        return
+    for f in all_group_files(layout, k, shard):
+        if part_gen(f.name) < g:
+            fs.remove(f)
 
 
 def done_shards(layout: Layout, k: int) -> set[str]:
@@ -91,12 +117,16 @@ def group_columns(table: pa.Table, produced: Iterable[str]) -> list[str]:
 
 
 def write_group(layout: Layout, k: int, shard: str, table: pa.Table, produced: Iterable[str],
-                compression: str) -> str:
-    """One part of segment ``k``'s column group (named by its positions: a rewrite replaces it)."""
+                compression: str, cache: "RowCache | None" = None) -> str:
+    """One part of segment ``k``'s column group (named by its generation and positions: a rewrite replaces
+    it).  ``cache``: the segment's stages and row fingerprints, kept in the part's metadata so that a later
+    generation can reuse what it holds (:func:`attach_cache`)."""
     t = table.select(group_columns(table, produced)).sort_by(POS)
+    if cache is not None:
+        t = t.replace_schema_metadata({CACHE_META: cache.meta()})
     pos = t[POS]
     lo, hi = (pc.min(pos).as_py(), pc.max(pos).as_py()) if t.num_rows else (0, -1)
-    path = layout.segment_out(k) / f"{shard}~{lo:010d}-{hi:010d}-{t.num_rows}.parquet"
+    path = layout.segment_out(k) / f"{shard}~g{layout.gen(k)}~{lo:010d}-{hi:010d}-{t.num_rows}.parquet"
     write_parquet_atomic(t, path, compression)
     return str(path)
 
@@ -247,3 +277,100 @@ def live_count(path: str | Path) -> int:
             return col.null_count
         nulls += st.null_count
     return nulls
+
+
+# -- the row cache: what an older generation of a segment's column group holds --------------------------------
+
+CACHE_META = "curate.rows"  # a part's metadata key: its segment's stages, their row fingerprints and columns
+
+
+@dataclass
+class RowCache:
+    """The row cache of one segment: its stages in order (the head first), each with its *row fingerprint*
+    (:func:`curate.incremental.row_fingerprints`; None: never reused) and the columns it makes; ``retry``:
+    stage id -> error types whose rejections are not reused but run again (``--retry-failed``)."""
+
+    order: list[str]
+    fps: dict[str, str | None]
+    produces: dict[str, list[str]]
+    retry: dict[str, list[str]] = field(default_factory=dict)
+
+    def meta(self) -> str:
+        return json.dumps({"order": self.order, "fps": self.fps, "produces": self.produces})
+
+    def reusable(self) -> list[str]:
+        return [sid for sid in self.order if self.fps.get(sid)]
+
+
+def _cached_rows(t: pa.Table, gen: int, cache: RowCache) -> dict[str, pa.Table]:
+    """Stage id -> the results one older part holds for it (positions, values, rejection), for the stages
+    whose row fingerprint is the same now and that ran on the row then."""
+    raw = (t.schema.metadata or {}).get(CACHE_META.encode())
+    if not raw or not t.num_rows:
+        return {}  # a part written before the row cache: nothing to reuse
+    meta = json.loads(raw)
+    order, fps, made = meta["order"], meta["fps"], meta["produces"]
+    at = {sid: i for i, sid in enumerate(order)}
+    stage_col = t[S.REJECT_STAGE].to_pylist() if S.REJECT_STAGE in t.column_names else [None] * t.num_rows
+    # the index of the stage that rejected the row (every stage ran before it; none after); len(order): none did
+    last = np.array([len(order) if r is None else at.get(r, -1) for r in stage_col])
+    errors = np.array(t[S.ERROR_TYPE].to_pylist() if S.ERROR_TYPE in t.column_names else [None] * t.num_rows,
+                      dtype=object)
+    out = {}
+    for sid in cache.reusable():
+        i = at.get(sid)
+        if i is None or fps.get(sid) != cache.fps[sid]:
+            continue
+        cols = cache.produces.get(sid, [])
+        if any(c in made.get(later, ()) for later in order[i + 1:] for c in cols):
+            continue  # a later stage of that segment overwrote what this one made
+        if any(c not in t.column_names for c in cols):
+            continue  # not kept in the part: nothing to reuse
+        ran = last >= i
+        rejected_here = np.array([r == sid for r in stage_col])
+        if sid in cache.retry:  # rejected with an error type to retry: fetched again, not reused
+            pats = cache.retry[sid]
+            again = {e for e in set(errors[rejected_here]) if e is not None and any(fnmatchcase(e, p) for p in pats)}
+            ran &= ~(rejected_here & np.isin(errors, list(again)))
+        if not ran.any():
+            continue
+        keep = pa.array(ran)
+        sel = t.filter(keep).combine_chunks()
+        here = pa.array(rejected_here[ran])
+        arrays = {POS: sel[POS], "__gen": pa.array(np.full(sel.num_rows, gen, np.int64))}
+        for c in cols:
+            if c in sel.column_names:
+                arrays[VALUE + sid + ":" + c] = sel[c]
+        for prefix, c in ((REASON, S.REJECT_REASON), (DETAIL, S.REJECT_DETAIL), (ERROR, S.ERROR_TYPE)):
+            col = sel[c] if c in sel.column_names else pa.nulls(sel.num_rows, pa.string())
+            arrays[prefix + sid] = pc.if_else(here, col, pa.scalar(None, col.type))
+        out[sid] = pa.table(arrays)
+    return out
+
+
+def attach_cache(layout: Layout, k: int, shard: str, table: pa.Table, cache: RowCache | None) -> pa.Table:
+    """The rows entering segment ``k`` with, per stage of it, the result an older generation of the shard's
+    column group holds for the row (newest first) -- :func:`curate.stage.apply_to_active` reuses it instead
+    of running the stage on the row."""
+    if cache is None or not cache.reusable() or not table.num_rows or layout.gen(k) == 0:
+        return table
+    g = layout.gen(k)
+    found: dict[str, list[pa.Table]] = {}
+    for f in all_group_files(layout, k, shard):
+        gen = part_gen(f.name)
+        if gen >= g:
+            continue
+        for sid, part in _cached_rows(fs.read_table(f), gen, cache).items():
+            found.setdefault(sid, []).append(part)
+    pos = table[POS]
+    for sid, parts in found.items():
+        m = pa.concat_tables(parts, promote_options="permissive").sort_by([(POS, "ascending"), ("__gen", "descending")])
+        p = m[POS].to_numpy()
+        if len(p) > 1:
+            m = m.filter(pa.array(np.r_[True, p[1:] != p[:-1]]))
+        idx = pc.index_in(pos, value_set=m[POS])
+        table = table.append_column(HIT + sid, pc.is_valid(idx))
+        for name in m.column_names:
+            if name not in (POS, "__gen"):
+                table = table.append_column(name, m[name].take(idx))
+    return table

@@ -38,12 +38,13 @@ from curate.layout import Layout
 from curate.progress import progress
 from curate.runners.base import Runner
 from curate.runners.common import Segment, SegmentJob, finish_shard, run_shard
-from curate.runners.flow import ShardRows, done_shards, remove_group, write_group
-from curate.stage import Stage
+from curate.runners.flow import RowCache, ShardRows, attach_cache, done_shards, remove_group, write_group
+from curate.stage import COMPUTED, Stage, release_memory
 
 log = logging.getLogger(__name__)
 
 SECONDS = "__seconds_"  # + stage index: per-row share of the batch's seconds in that stage
+RAN = "__ran_"  # + stage index: rows of a shard in a batch that the stage ran on (not taken from the row cache)
 READ_CPUS = 0.25  # a shard read is light
 MAX_FINISHING = 32  # shard finish tasks in flight (the driver's memory stays flat)
 
@@ -78,7 +79,7 @@ class _StageActor:
         self.stage = _build_stage(params, ray.get(state[0]) if state else None)
         self.index = index
         self.write = write  # the segment's last stage writes its own output (no hop to a write task)
-        final = write[-1] if write else None
+        final = write[-2] if write else None
         if final is not None:  # finishing a shard runs this stage on earlier rejects: the loaded one, not a copy
             final.segment.maps = [self.stage if st.id == self.stage.id else st for st in final.segment.maps]
 
@@ -109,12 +110,14 @@ def _stage_task(batch: pa.Table, params: dict, state: list | None, key: str, ind
 def _switch(key: str) -> None:
     """Tear down this worker's stages of an earlier segment run when one of run ``key`` arrives."""
     if _STAGES.get("key") != key:
+        was = []
         for i, old in list(_STAGES.items()):
             if i == "all":
-                for st in old:
-                    st.ensure_teardown()
+                was += [st.ensure_teardown(release=False) for st in old]
             elif i != "key":
-                old.ensure_teardown()
+                was.append(old.ensure_teardown(release=False))
+        if any(was):
+            release_memory()  # once, not per stage
         _STAGES.clear()
         _STAGES["key"] = key
 
@@ -141,9 +144,10 @@ def _shard_task(job: SegmentJob, params: list[dict], state: list | None, key: st
     return shard, run_shard(job, shard, stages)
 
 
-def _read_entering(batch: pa.Table, layout: Layout, k: int) -> pa.Table:
-    return pa.concat_tables([ShardRows(layout, shard, base).entering(k) for shard, base in
-                             zip(batch["shard"].to_pylist(), batch["base"].to_pylist())], promote_options="permissive")
+def _read_entering(batch: pa.Table, layout: Layout, k: int, cache: RowCache | None) -> pa.Table:
+    return pa.concat_tables([attach_cache(layout, k, shard, ShardRows(layout, shard, base).entering(k), cache)
+                             for shard, base in zip(batch["shard"].to_pylist(), batch["base"].to_pylist())],
+                            promote_options="permissive")
 
 
 def _read_args() -> dict[str, Any]:
@@ -151,7 +155,7 @@ def _read_args() -> dict[str, Any]:
 
 
 def _write_parts(batch: pa.Table, layout: Layout, k: int, produced: list[str], stage_ids: list[str],
-                 compression: str, final: SegmentJob | None) -> pa.Table:
+                 compression: str, final: SegmentJob | None, cache: RowCache | None = None) -> pa.Table:
     """Write the batch's column-group part of each shard in it; report rows and stage seconds per shard.
 
     ``final`` (the last segment: the light job with the bases and row counts of its shards): a shard
@@ -162,18 +166,22 @@ def _write_parts(batch: pa.Table, layout: Layout, k: int, produced: list[str], s
         part = batch.filter(pc.equal(batch[S.SHARD], shard))
         seconds = [pc.sum(part[f"{SECONDS}{i}"]).as_py() if f"{SECONDS}{i}" in part.column_names else 0.0
                    for i in range(len(stage_ids))]
+        ran = [pc.sum(part[COMPUTED + sid]).as_py() or 0 if COMPUTED + sid in part.column_names else 0
+               for sid in stage_ids]
         done = final is not None and part.num_rows == final.expected_rows.get(shard)
         if done:
             finish_shard(final, shard, part, dict(zip(stage_ids, seconds)))
         else:
-            write_group(layout, k, shard, part, produced, compression)
+            write_group(layout, k, shard, part, produced, compression, cache)
         out["shard"].append(shard)
         out["rows"].append(part.num_rows)
         out["finished"].append(done)
-        for i, sec in enumerate(seconds):
+        for i, (sec, n) in enumerate(zip(seconds, ran)):
             out[f"{SECONDS}{i}"].append(sec)
+            out[f"{RAN}{i}"].append(n)
     schema = [("shard", pa.string()), ("rows", pa.int64()), ("finished", pa.bool_())] + \
-        [(f"{SECONDS}{i}", pa.float64()) for i in range(len(stage_ids))]
+        [(f"{SECONDS}{i}", pa.float64()) for i in range(len(stage_ids))] + \
+        [(f"{RAN}{i}", pa.int64()) for i in range(len(stage_ids))]
     return pa.table({name: pa.array(out[name], t) for name, t in schema})
 
 
@@ -395,7 +403,7 @@ class RayRunner(Runner):
             # actor pools on small machines).  A ``ray_remote_args_fn`` keeps Ray Data from fusing the read
             # into the first stage: fused, the stage's batch size (in rows) would bundle that many *shards*
             # into one task, and one worker would run the whole segment while the others wait.
-            ds = ds.map_batches(_read_entering, fn_args=(job.layout, k), batch_size=1, **fs.ray_env(),
+            ds = ds.map_batches(_read_entering, fn_args=(job.layout, k, job.cache), batch_size=1, **fs.ray_env(),
                                 batch_format="pyarrow", num_cpus=READ_CPUS, ray_remote_args_fn=_read_args,
                                 compute=ray.data.TaskPoolStrategy(size=tasks))
             head_state = [ray.put(job.segment.head.state)] if job.segment.head is not None else None
@@ -406,7 +414,7 @@ class RayRunner(Runner):
                 final = job.light()
                 final.inputs = {s: job.inputs[s] for s in todo}
                 final.expected_rows = {s: job.expected_rows[s] for s in todo}
-            write = (job.layout, k, job.segment.produces, [st.id for st in stages], job.compression, final)
+            write = (job.layout, k, job.segment.produces, [st.id for st in stages], job.compression, final, job.cache)
             # an actor-pool last stage writes its batches itself: its output (image bytes, embeddings) is not
             # shipped through the object store to a write task
             own_write = bool(stages) and stages[-1].resources.stateful
@@ -424,6 +432,7 @@ class RayRunner(Runner):
                     got[shard] += row["rows"]
                     for i, st in enumerate(stages):
                         secs[shard][st.id] += row.get(f"{SECONDS}{i}") or 0.0
+                        secs[shard][COMPUTED + st.id] += row.get(f"{RAN}{i}") or 0
                     if row.get("finished"):  # finished by the writer (final segment, rows in one batch)
                         secs.pop(shard, None)
                         del got[shard]

@@ -213,6 +213,10 @@ class Download(MapStage):
     needs = (S.URL,)
     produces = (S.IMAGE, S.WIDTH, S.HEIGHT, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT, S.IMAGE_SHA256,
                 S.DOWNLOAD_STATUS, S.DOWNLOAD_ERROR)
+    #: what ``curate run --retry-failed`` fetches again by default: errors a server or network may not repeat
+    #: (a timeout, a dropped or refused connection, a failed DNS lookup or TLS handshake, 429, any 5xx)
+    transient_errors = ("timeout", "connection_error", "connection_refused", "dns_error", "ssl_error", "http_429",
+                        "http_5*")
     # not an actor pool: setting up is cheap (a connection pool, the resizer), and a worker keeps it for the
     # segment anyway; so a download segment runs on Ray as one task per shard (see curate.runners.ray_runner)
     default_resources = Resources(num_cpus=1.0, batch_size=256)
