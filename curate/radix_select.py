@@ -85,13 +85,14 @@ def _locate(counts: dict[int, int], rank: int) -> tuple[int, int]:
 
 
 def select_rank(paths: list[str], column: str, rank_of: Callable[[int], int | None],
-                run: Callable[[Callable, list], list] | None = None) -> tuple[int, float | None]:
+                run: Callable[[Callable, list], list] | None = None, parallelism: int = 16) -> tuple[int, float | None]:
     """(N, value at ascending 0-based rank ``rank_of(N)``), N = eligible values; None when no such rank.
 
-    ``run(fn, items)`` maps ``fn`` over items (``FitContext.map``: Ray tasks under the Ray runner).
+    ``run(fn, items)`` maps ``fn`` over items (``FitContext.map``: Ray tasks under the Ray runner), in
+    ``4 * parallelism`` tasks at most (64 at most): a task reads its shards through one DuckDB connection.
     """
     run = run or (lambda fn, items: [fn(x) for x in items])
-    n_chunks = max(1, min(len(paths), 64))
+    n_chunks = max(1, min(len(paths), 64, 4 * max(1, parallelism)))
     chunks = [c for c in (paths[i::n_chunks] for i in range(n_chunks)) if c]
     high = _add(run(_bucket_counts, [(c, column, None) for c in chunks]))
     n = sum(high.values())

@@ -257,12 +257,12 @@ def apply_to_active(stage: "Stage", table: pa.Table) -> pa.Table:
     n_run = pc.sum(run).as_py() or 0
     if n_run or (stage.applies_to == "all" and table.num_rows):
         stage.ensure_setup()
-    if n_run == table.num_rows:
+    if table.num_rows == 0 or (n_run == 0 and hit is None):
+        out = annotate_rejected(stage, table.drop_columns(cached))
+    elif n_run == table.num_rows:
         out = stage.process(table.drop_columns(cached))
         _check_same_rows(stage, table, out)
         out = add_missing(out, fields)
-    elif n_run == 0 and hit is None:
-        out = annotate_rejected(stage, table.drop_columns(cached))
     else:
         pieces, order = [], []
         idx_run = pc.indices_nonzero(run)

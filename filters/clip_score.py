@@ -77,7 +77,7 @@ class ClipScoreFilter(GlobalStage):
             n = int(total * f)
             return total - 1 - n if n < total else None
 
-        total, cut = select_rank(ctx.paths, S.CLIP_SCORE, rank_of, ctx.map)
+        total, cut = select_rank(ctx.paths, S.CLIP_SCORE, rank_of, ctx.map, ctx.parallelism)
         state = {"eligible": total, "n": int(total * f), "threshold": cut}
         log.info("clip_score: top %g of %d scored rows: threshold %s", f, total, cut)
         return state

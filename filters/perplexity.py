@@ -75,7 +75,7 @@ class PerplexityFilter(GlobalStage):
             k = math.floor(fraction * n)
             return k - 1 if k >= 1 else None
 
-        n, cut = select_rank(ctx.paths, S.CAPTION_PERPLEXITY, rank_of, ctx.map)
+        n, cut = select_rank(ctx.paths, S.CAPTION_PERPLEXITY, rank_of, ctx.map, ctx.parallelism)
         state = {"eligible": n, "k": math.floor(fraction * n), "threshold": cut}
         log.info("perplexity: keep the lowest %d of %d captions (keep_fraction %g): threshold %s",
                  state["k"], n, fraction, cut)
