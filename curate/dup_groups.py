@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import schema as S
+from curate.io.rowgroups import RowGroups
 from curate.io.sql import sql_string
 from curate.layout import Layout
 from curate.query import parquet_files
@@ -199,47 +199,15 @@ def write_duplicate_groups(output: str | Path, dest: str | Path | None = None, t
     return manifest
 
 
-class _Positional:
-    """A Parquet file read by row position (footer read once; a few row groups cached)."""
-
-    def __init__(self, path: Path) -> None:
-        self.pf = pq.ParquetFile(path)
-        md = self.pf.metadata
-        self.starts = np.concatenate([[0], np.cumsum([md.row_group(i).num_rows
-                                                      for i in range(md.num_row_groups)])]).astype(np.int64)
-        self.n = int(self.starts[-1])
-        self._lock = threading.Lock()
-        self._cache: dict[int, pa.Table] = {}
-
-    def group(self, g: int) -> pa.Table:
-        with self._lock:
-            t = self._cache.get(g)
-            if t is None:
-                t = self.pf.read_row_group(g)
-                if len(self._cache) >= 8:
-                    self._cache.pop(next(iter(self._cache)))
-                self._cache[g] = t
-            return t
-
-    def slice(self, start: int, stop: int) -> pa.Table:
-        start, stop = max(0, start), min(self.n, stop)
-        if stop <= start:
-            return self.pf.schema_arrow.empty_table()
-        g0 = int(np.searchsorted(self.starts, start, side="right")) - 1
-        g1 = int(np.searchsorted(self.starts, stop - 1, side="right")) - 1
-        t = pa.concat_tables([self.group(g) for g in range(g0, g1 + 1)])
-        return t.slice(start - int(self.starts[g0]), stop - start)
-
-
 class DuplicateGroups:
     """A written duplicate-groups table (thread-safe reads)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder) or {}
-        self.groups = _Positional(self.folder / "groups.parquet")
-        self.members = _Positional(self.folder / "members.parquet")
-        self.by_keeper = _Positional(self.folder / "by_keeper.parquet")
+        self.groups = RowGroups(self.folder / "groups.parquet")
+        self.members = RowGroups(self.folder / "members.parquet")
+        self.by_keeper = RowGroups(self.folder / "by_keeper.parquet")
         md = self.by_keeper.pf.metadata
         col = self.by_keeper.pf.schema_arrow.get_field_index("keeper")
         self._kmin = [md.row_group(i).column(col).statistics.min if md.row_group(i).column(col).statistics

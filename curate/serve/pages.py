@@ -1,105 +1,61 @@
-"""Pages of rows at any depth, without a scan per request (issue #28).
+"""Pages of rows at any depth, without a scan per request (issue #28): filtered views, counted in the background.
 
 Three ways to page a view (``kept`` or ``rejected``), chosen by its filter and order:
 
 * **storage order, no filter**: row ``N`` is found from the Parquet footers (:mod:`curate.serve.catalog`):
   the file and row group holding it, then only that row group is read.  Any page number, exact.
-* **storage order, filtered** (reason, stage, score range, SQL condition): a :class:`Matcher` finds the
-  matching rows file by file -- files whose row-group statistics exclude the filter are never opened,
-  the others are read in windows of files by DuckDB (which reads only the columns the condition needs and
-  skips row groups by their statistics) -- and remembers, per file, the rows that match.  Pages go by
-  cursor (``after=FILE:ROW`` / ``before=FILE:ROW``: the keyset is the storage position), each request
-  scanning only until its page is full (or its time budget is spent: then the page says how far it
-  searched and offers to go on).  Counting runs in the background; once the files before a page are
-  counted, ``page=N`` jumps there exactly, and the total is known when all are.
+* **storage order, filtered** (reason, stage, score range, SQL condition; this module): a :class:`Matcher`
+  finds the matching rows file by file -- files whose row-group statistics exclude the filter are never
+  opened, the others are read in windows of files by DuckDB (which reads only the columns the condition
+  needs and skips row groups by their statistics) -- and remembers, per file, the rows that match.  Pages go
+  by cursor (``after=FILE:ROW`` / ``before=FILE:ROW``: the keyset is the storage position,
+  :mod:`curate.serve.cursors`), each request scanning only until its page is full (or its time budget is
+  spent: then the page says how far it searched and offers to go on).  Counting runs in the background
+  (:class:`Matchers` lists what is left to count); once the files before a page are counted, ``page=N``
+  jumps there exactly, and the total is known when all are.
 * **sorted** (``order=COLUMN:asc|desc``, NULLS LAST, ties by ``uid``): a sort index (value, uid, file,
-  row in value order, one Parquet file with row groups of 8,192, :class:`SortIndex`) is written once per
-  (view, column) and output state; a page at any depth or after any keyset cursor (``after=VALUE|UID``) is
-  then one or two row-group reads.  A range filter on the sorted column is a slice of the index.  With
-  another filter as well, a page is DuckDB's top-N over the files with the keyset as a condition (a scan
-  of the filtered columns, no page jumps: ``next`` / ``previous`` / ``first``).
+  row in value order, one Parquet file with row groups of 2,048, :mod:`curate.serve.sort_index`) is written
+  once per (view, column) and output state; a page at any depth or after any keyset cursor
+  (``after=VALUE|UID``) is then one or two row-group reads.  A range filter on the sorted column is a slice
+  of the index.  With another filter as well, once the filter's rows are all known, a :class:`Selection`
+  (this module) walks the index through them once and pages come from it at any depth; before that, a page
+  is DuckDB's top-N over the files with the keyset as a condition (a scan of the filtered columns, no page
+  jumps: ``next`` / ``previous`` / ``first``).
+
+The names of :mod:`curate.serve.cursors` and :mod:`curate.serve.sort_index` are importable from here too.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from curate import schema as S
-from curate.io.files import InputError
-from curate.io.sql import sql_string
-from curate.serve.catalog import Handles, Snapshot, read_positions, source_sql
+from curate.serve.catalog import Snapshot, source_sql
+from curate.serve.cursors import FILE_COL, Window, key_text, parse_cursor, parse_key, read_window
+from curate.serve.sort_index import SORT_RG, SortIndex, build_sort_index, sort_index_sql, sorted_window
+
+__all__ = [  # with the names of curate.serve.cursors and curate.serve.sort_index that others import from here
+    "BUDGET_S", "FILE_COL", "MATCH_BYTES", "SORT_RG", "WINDOW_ROWS",
+    "Matcher", "Matchers", "Selection", "SortIndex", "Window",
+    "build_sort_index", "candidate_files", "count_until", "filtered_after", "filtered_at", "filtered_before",
+    "key_text", "parse_cursor", "parse_key", "read_window", "selection_window", "sort_index_sql", "sorted_window",
+]
 
 log = logging.getLogger(__name__)
 
-FILE_COL = "_curate_file"
+# read from this module's globals at call time (tests patch them here)
 WINDOW_ROWS = 65_536  # rows of one DuckDB scan of a filtered view (a window of whole files)
 BUDGET_S = 0.2  # scanning one page may take; then it answers with what it found and a cursor to go on
 MATCH_BYTES = 256 << 20  # matching rows remembered, all filters together (least recently used dropped)
-SORT_RG = 2048
-
-
-def parse_cursor(text: str) -> tuple[str, int] | None:
-    """``FILE:ROW`` (a storage position) or None."""
-    if not text:
-        return None
-    name, sep, row = text.rpartition(":")
-    if not sep or not name or "/" in name or not row.lstrip("-").isdigit():
-        raise InputError(f"bad cursor {text[:80]!r}")
-    return name, int(row)
-
-
-def parse_key(text: str) -> tuple[float | None, str] | None:
-    """``VALUE|UID`` (a sorted view's keyset; VALUE ``null`` for NULL) or None."""
-    if not text:
-        return None
-    value, sep, uid = text.partition("|")
-    if not sep:
-        raise InputError(f"bad cursor {text[:80]!r}")
-    if value == "null":
-        return None, uid
-    try:
-        v = float(value)
-    except ValueError:
-        raise InputError(f"bad cursor {text[:80]!r}") from None
-    if math.isnan(v):
-        raise InputError("bad cursor: NaN")
-    return v, uid
-
-
-def key_text(value: Any, uid: str) -> str:
-    return f"null|{uid}" if value is None or (isinstance(value, float) and math.isnan(value)) else \
-        f"{float(value)!r}|{uid}"
-
-
-@dataclass
-class Window:
-    """Where one page sits: file positions of its rows, and what is known around it."""
-    files: np.ndarray
-    rows: np.ndarray
-    first: int | None = None  # index of its first row among the view's (filtered) rows, when known
-    total: int | None = None  # rows of the (filtered) view, when known
-    has_prev: bool = False
-    has_next: bool = False
-    after: str = ""  # cursor of the next page (its last row)
-    before: str = ""  # cursor of the previous page (its first row)
-    note: str = ""  # the page is partial: how far it searched
-    counted: float | None = None  # share of the view's files counted (filtered views)
-    keys: list[str] = field(default_factory=list)  # sorted views: the keyset of each row
-    pending: str = ""  # nothing to show yet (a count or an index being built): why
-    cards: Any = None  # the page's rows already read (a sort index carries them), else None
 
 
 # -- filtered views ----------------------------------------------------------------------------------
@@ -360,188 +316,8 @@ def filtered_at(m: Matcher, cur: Callable, offset: int, per: int, budget: float 
     return w
 
 
-# -- sorted views --------------------------------------------------------------------------------------
-class SortIndex:
-    """One view's rows in the order of one column (see the module doc): asc, NULLS LAST, ties by uid."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.pf = pq.ParquetFile(path)
-        md = self.pf.metadata
-        sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.n = int(self.starts[-1])
-        self.nn = int(md.metadata.get(b"curate.non_null", b"0")) if md.metadata else 0
-        self.carried = [c for c in self.pf.schema_arrow.names if c not in ("value", "uid", "file", "row")]
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
-
-    def group(self, g: int, full: bool = False) -> pa.Table:
-        """Row group ``g``: its keys (value, uid), or ``full``: every column."""
-        key = (g, full)
-        with self._lock:
-            t = self._cache.get(key)
-            if t is not None:
-                self._cache.move_to_end(key)
-                return t
-            t = self.pf.read_row_group(g, columns=None if full else ["value", "uid"])
-            self._cache[key] = t
-            while len(self._cache) > 32:
-                self._cache.popitem(last=False)
-            return t
-
-    def slice(self, start: int, stop: int) -> pa.Table:
-        """Index rows [start, stop) in ascending order, every column."""
-        start, stop = max(0, start), min(self.n, stop)
-        if stop <= start:
-            return self.pf.schema_arrow.empty_table()
-        g0 = int(np.searchsorted(self.starts, start, side="right")) - 1
-        g1 = int(np.searchsorted(self.starts, stop - 1, side="right")) - 1
-        t = pa.concat_tables([self.group(g, full=True) for g in range(g0, g1 + 1)])
-        return t.slice(start - int(self.starts[g0]), stop - start)
-
-    def _key(self, i: int) -> tuple:
-        g = int(np.searchsorted(self.starts, i, side="right")) - 1
-        t = self.group(g)
-        j = i - int(self.starts[g])
-        v = t.column("value")[j].as_py()
-        return (1, 0.0, t.column("uid")[j].as_py()) if v is None else (0, v, t.column("uid")[j].as_py())
-
-    def count_lt(self, key: tuple) -> int:
-        """Index rows strictly before ``key`` ((0, value, uid), or (1, 0.0, uid) for NULL) in ascending order."""
-        # binary search over row groups by their first row, then within one group
-        glo, ghi = 0, len(self.starts) - 1
-        while ghi - glo > 1:
-            mid = (glo + ghi) // 2
-            if self._key(int(self.starts[mid])) < key:
-                glo = mid
-            else:
-                ghi = mid
-        lo = int(self.starts[glo])
-        t = self.group(glo) if self.n else None
-        if t is None:
-            return 0
-        vals = t.column("value").to_pylist()
-        uids = t.column("uid").to_pylist()
-        keys = [(1, 0.0, u) if v is None else (0, v, u) for v, u in zip(vals, uids)]
-        import bisect
-
-        return lo + bisect.bisect_left(keys, key)
-
-    def bound(self, value: float | None, uid: str, side: str) -> int:
-        """Rows before (value, uid): ``lt`` strictly, ``le`` including it."""
-        key = (1, 0.0, uid) if value is None else (0, float(value), uid)
-        n = self.count_lt(key)
-        if side == "le" and n < self.n and self._key(n) == key:
-            n += 1
-        return n
-
-    def value_bound(self, value: float, side: str) -> int:
-        """Non-null rows with value < ``value`` (``lt``) or <= ``value`` (``le``)."""
-        if side == "lt":
-            return self.count_lt((0, float(value), ""))
-        return self.count_lt((0, float(value), "\U0010ffff" * 4))
-
-    def rows(self, offset: int, count: int, desc: bool, lo: int = 0, hi: int | None = None) -> pa.Table:
-        """``count`` rows from ``offset`` of the view in this order, restricted to index rows [lo, hi)
-        (a range on the value: only non-null rows) -- or, without a range, the nulls after the rest."""
-        if hi is not None:  # a value range: [lo, hi) only
-            if desc:
-                return self._rev(self.slice(max(lo, hi - offset - count), hi - offset))
-            return self.slice(lo + offset, min(hi, lo + offset + count))
-        nn = self.nn
-        if not desc:
-            return self.slice(offset, offset + count)
-        parts = []
-        if offset < nn:
-            parts.append(self._rev(self.slice(max(0, nn - offset - count), nn - offset)))
-        if offset + count > nn:
-            parts.append(self.slice(max(nn, offset), offset + count))
-        parts = [p for p in parts if p.num_rows]
-        return pa.concat_tables(parts) if parts else self.slice(0, 0)
-
-    @staticmethod
-    def _rev(t: pa.Table) -> pa.Table:
-        return t.take(pa.array(np.arange(t.num_rows - 1, -1, -1, dtype=np.int64))) if t.num_rows else t
-
-    def offset_of(self, key: tuple[float | None, str], desc: bool, inclusive: bool, lo: int = 0,
-                  hi: int | None = None) -> int:
-        """How many rows of the ordered view (range [lo, hi) if given) come before the row ``key``
-        (``inclusive``: up to and including it)."""
-        value, uid = key
-        if not desc or value is None:
-            n = self.bound(value, uid, "le" if inclusive else "lt")
-            return (min(max(n, lo), hi) - lo) if hi is not None else n
-        # descending: the non-null part reversed; (value, uid desc)
-        n_le = self.bound(value, uid, "le")
-        n_lt = self.bound(value, uid, "lt")
-        top = hi if hi is not None else self.nn
-        first = top - (n_lt if inclusive else n_le)  # rows after it in ascending order come before it
-        return max(0, first)
-
-
-def sort_index_sql(src: str, column: str, carry: list[str] = ()) -> str:
-    extra = "".join(f', "{c}"' for c in carry)
-    return (f'SELECT CAST("{column}" AS DOUBLE) AS value, CAST(uid AS VARCHAR) AS uid, '
-            f'parse_filename({FILE_COL}) AS file, CAST(file_row_number AS BIGINT) AS row{extra} '
-            f'FROM {src} ORDER BY value ASC NULLS LAST, uid ASC')
-
-
-def build_sort_index(con, snap: Snapshot, column: str, dest: Path, carry: list[str] = ()) -> Path:
-    """Write the sort index of ``column`` over the snapshot's files to ``dest`` (atomically), carrying the
-    ``carry`` columns (those some file has) so that a page of it is read from it alone."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    have = [i for i in range(len(snap.files)) if snap.has_column(i, column) and snap.has_column(i, S.UID)]
-    carry = [c for c in carry if c not in ("value", "uid", "file", "row") and c != column
-             and any(snap.files[i].schema.get_field_index(c) >= 0 for i in range(len(snap.files)))]
-    if not have:
-        empty = pa.table({"value": pa.array([], pa.float64()), "uid": pa.array([], pa.string()),
-                          "file": pa.array([], pa.string()), "row": pa.array([], pa.int64())})
-        pq.write_table(empty.replace_schema_metadata({"curate.non_null": "0"}), tmp)
-    else:
-        sql = sort_index_sql(source_sql(snap, have, FILE_COL, True), column, carry)
-        nn = con.execute(f'SELECT count("{column}") FROM {source_sql(snap, have)}').fetchone()[0]
-        con.execute(f"COPY ({sql}) TO {sql_string(str(tmp))} (FORMAT parquet, ROW_GROUP_SIZE {SORT_RG}, "
-                    f"COMPRESSION zstd, KV_METADATA {{'curate.non_null': '{int(nn)}'}})")
-    os.replace(tmp, dest)
-    return dest
-
-
-def sorted_window(ix: SortIndex, snap: Snapshot, per: int, desc: bool, offset: int | None = None,
-                  after: tuple | None = None, before: tuple | None = None, last: bool = False,
-                  lo: float | None = None, hi: float | None = None) -> Window:
-    """A page of a sorted view from its index (an optional value range [lo, hi] on the sorted column)."""
-    rlo, rhi = 0, None
-    if lo is not None or hi is not None:
-        rlo = ix.value_bound(lo, "lt") if lo is not None else 0
-        rhi = ix.value_bound(hi, "le") if hi is not None else ix.nn
-        rhi = max(rhi, rlo)
-    total = (rhi - rlo) if rhi is not None else ix.n
-    if after is not None:
-        offset = ix.offset_of(after, desc, True, rlo, rhi)
-    elif before is not None:
-        offset = max(0, ix.offset_of(before, desc, False, rlo, rhi) - per)
-    elif last or (offset or 0) >= total:
-        offset = max(0, (total - 1) // per * per)
-    offset = max(0, min(offset or 0, max(0, total - 1)))
-    t = ix.rows(offset, min(per, max(0, total - offset)), desc, rlo, rhi)
-    idx = [snap.index.get(f, -1) for f in t.column("file").to_pylist()] if t.num_rows else []
-    keep = [k for k, i in enumerate(idx) if i >= 0]
-    w = Window(np.array([idx[k] for k in keep], np.int64),
-               np.array([t.column("row")[k].as_py() for k in keep], np.int64), first=offset, total=total)
-    if t.num_rows and len(keep) == t.num_rows and ix.carried:  # the cards come with the index: no other read
-        cards = t.drop_columns(["value", "file", "row"]) \
-            .append_column("_file", t.column("file")).append_column("_row", t.column("row"))
-        w.cards = cards
-    vals, uids = t.column("value").to_pylist() if t.num_rows else [], t.column("uid").to_pylist() if t.num_rows else []
-    w.keys = [key_text(v, u) for v, u in zip(vals, uids)]
-    w.has_prev, w.has_next = offset > 0, offset + t.num_rows < total
-    if w.keys:
-        w.before, w.after = w.keys[0], w.keys[-1]
-    return w
-
-
+# -- sorted and filtered views -----------------------------------------------------------------------
 class Selection:
     """The rows of a complete :class:`Matcher` in the order of a :class:`SortIndex`: their positions in the
     index (ascending), found once by reading the index's (file, row) columns -- then a sorted and filtered
@@ -617,14 +393,6 @@ def selection_window(ix: SortIndex, sel: Selection, snap: Snapshot, per: int, de
         w.before, w.after = w.keys[0], w.keys[-1]
     return w
 
-
-def read_window(snap: Snapshot, handles: Handles, w: Window, columns: list[str]) -> list[dict]:
-    if not len(w.files):
-        return []
-    if w.cards is not None:  # columns no file of the view has are simply absent
-        return w.cards.select([c for c in columns if c in w.cards.column_names] + ["_file", "_row"]).to_pylist()
-    t = read_positions(snap, handles, w.files, w.rows, columns)
-    return t.to_pylist()
 
 
 # -- a registry of matchers (bounded) -------------------------------------------------------------------
