@@ -7,9 +7,10 @@ loopback server answers 503 to ``--fail`` of their URLs.  Then, on the same outp
 2. ``--retry-failed``: the server healed, the rows that failed are fetched again;
 3. the recaption prompt changed; 4. ``clip_score.top_fraction`` changed.
 
-For each it prints wall time, the ratio to the first run, the image requests the server got and the rows that
-``download``, ``clip_embed``, ``caption_perplexity`` and ``recaption`` ran on (stats.json ``rows_computed``;
-the others' results came from the row cache).
+Each step is a ``curate run`` command of its own (a fresh process, as a user runs it: its start-up, imports and
+model loading included).  For each it prints wall time, the ratio to the first run, the image requests the server
+got and the rows that ``download``, ``clip_embed``, ``caption_perplexity`` and ``recaption`` ran on (stats.json
+``rows_computed``; the others' results came from the row cache).
 
     python bench/incremental.py --n 5000 --append-rows 500 --fail 0.05 [--runner local|ray]
 """
@@ -17,10 +18,12 @@ the others' results came from the row cache).
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +56,6 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    import curate
     from curate.demo.corpus import build_site, write_input
     from curate.demo.server import DemoServer
 
@@ -79,11 +81,11 @@ def main() -> None:
             def add_file() -> None:
                 pq.write_table(table.slice(args.n), work / "in" / "a.parquet")
 
-            steps = [("first run (baseline)", {}, None, {}),
-                     (f"--append {args.append_rows} rows", {"append": True}, add_file, {}),
-                     ("--retry-failed (server healed)", {"retry_failed": []}, server.heal, {}),
-                     ("recaption prompt changed", {}, None, {"recaption": {"prompt": "a photograph showing"}}),
-                     ("clip_score.top_fraction changed", {}, None, {"clip_score": {"top_fraction": 0.8}})]
+            steps = [("first run (baseline)", [], None, {}),
+                     (f"--append {args.append_rows} rows", ["--append"], add_file, {}),
+                     ("--retry-failed (server healed)", ["--retry-failed"], server.heal, {}),
+                     ("recaption prompt changed", [], None, {"recaption": {"prompt": "a photograph showing"}}),
+                     ("clip_score.top_fraction changed", [], None, {"clip_score": {"top_fraction": 0.8}})]
             server.fail(failing)
             first = None
             for name, flags, before, change in steps:
@@ -91,11 +93,16 @@ def main() -> None:
                     before()
                 for stage, params in change.items():
                     _set(cfg, stage, **params)
+                (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
                 hits, t0 = server.hits, time.perf_counter()
-                res = curate.run(copy.deepcopy(cfg), **flags)
+                done = subprocess.run([sys.executable, "-m", "curate.cli", "-q", "run", str(work / "cfg.yaml"), *flags],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 dt = time.perf_counter() - t0
+                if done.returncode != 0:
+                    raise SystemExit(f"{name}: curate run failed ({done.returncode}): {done.stderr[-2000:]}")
                 first = first or dt
-                ran = {s["id"]: s.get("rows_computed", 0) for s in res.stats["stages"]}
+                stats = json.loads((work / "out" / "stats.json").read_text())
+                ran = {s["id"]: s.get("rows_computed", 0) for s in stats["stages"]}
                 print(f"{name:<34} {dt:7.1f}s {dt / first:8.2f}x {server.hits - hits:9d}  {'':>14}"
                       + " ".join(f"{ran.get(s, 0):>18}" for s in MODEL_STAGES), flush=True)
     finally:

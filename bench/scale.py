@@ -12,6 +12,8 @@ process and prints:
   read from /proc/PID/task/*/io every 0.1 s while it runs -- / bytes of the final ``data/`` +
   ``rejected/`` (writes in the last 0.1 s of a process, or by threads that ended, are missed);
 * peak RSS (VmHWM) of the driver and of the largest other process (a Ray worker);
+* CPU seconds by process (driver, each Ray daemon, Ray workers by the task or actor they ran), polled
+  every 0.1 s: where Ray's extra CPU goes;
 * time-per-row at the largest N / time-per-row at the smallest N (<= 1.1: linear).
 
 ``--pipeline light`` runs dedup_exact, phash, dedup_phash, caption, image_size, aspect_ratio,
@@ -91,6 +93,31 @@ def _tree(pid: int) -> list[int]:
         return []
 
 
+def _kind(h, driver: bool) -> str:
+    """What a process of the run is, for the CPU breakdown: the driver, a Ray daemon, or a Ray worker by the
+    task or actor it runs (Ray sets the title ``ray::NAME``)."""
+    if driver:
+        return "driver"
+    try:
+        cmd = h.cmdline()
+    except Exception:  # noqa: BLE001 - it ended
+        return "?"
+    first = cmd[0] if cmd else h.name()
+    if first.startswith("ray::"):
+        name = first[5:]
+        return "ray worker (idle)" if name == "IDLE" else f"ray worker: {name[:70]}"
+    for daemon in ("gcs_server", "raylet", "dashboard_agent", "runtime_env", "log_monitor", "monitor.py",
+                   "dashboard.py", "default_worker"):
+        if any(daemon in c for c in cmd[:3]):
+            return "ray worker (starting)" if daemon == "default_worker" else f"ray daemon: {daemon}"
+    return Path(first).name
+
+
+def _breakdown(r: dict) -> str:
+    top = sorted(r["cpu_by_process"].items(), key=lambda kv: -kv[1][0])
+    return "; ".join(f"{k} {v:.1f}" + (f" ({n} processes)" if n > 1 else "") for k, (v, n) in top if v >= 0.05)
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.parquet"))
 
@@ -141,18 +168,34 @@ def run_pipeline(cfg: dict, work: Path, keep: set[int]) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     group = CpuGroup()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "curate.cli", "-q", "run", str(cfg_path)], env=ENV,
+    cmd = [sys.executable, "-m", "curate.cli", "-q", "run", str(cfg_path)]
+    if os.environ.get("CURATE_BENCH_PYSPY"):  # a profile of every process of the run (py-spy's raw format)
+        cmd = ["py-spy", "record", "--subprocesses", "--rate", "50", "--format", "raw", "--output",
+               os.environ["CURATE_BENCH_PYSPY"] + f"-{cfg['runner']['kind']}.txt", "--"] + cmd
+    proc = subprocess.Popen(cmd, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=open(work / "stderr.log", "w"), preexec_fn=group.enter)
     peaks: dict[int, int] = {}
     stop = threading.Event()
 
     own: dict[int, int] = {}
+    cpu_of: dict[int, float] = {}
+    label: dict[int, str] = {}
+    handles: dict[int, psutil.Process] = {}
 
     def poll() -> None:
         while not stop.is_set():
             for p in [proc.pid] + _tree(proc.pid):
                 peaks[p] = max(peaks.get(p, 0), _hwm(p))
                 own[p] = max(own.get(p, 0), _proc_written(p))
+                try:
+                    h = handles.setdefault(p, psutil.Process(p))
+                    c = h.cpu_times()
+                    cpu_of[p] = max(cpu_of.get(p, 0.0), c.user + c.system)
+                    kind = _kind(h, p == proc.pid)
+                    if kind not in ("ray worker (idle)", "?") or p not in label:
+                        label[p] = kind
+                except psutil.Error:
+                    pass
             stop.wait(0.1)
 
     t = threading.Thread(target=poll, daemon=True)
@@ -185,7 +228,15 @@ def run_pipeline(cfg: dict, work: Path, keep: set[int]) -> dict:
     others = [v for p, v in peaks.items() if p != proc.pid]
     if os.environ.get("CURATE_BENCH_DEBUG"):
         print("polled write_bytes per process (MB):", sorted((round(v / 2**20, 1) for v in own.values()), reverse=True)[:12])
-    return {"seconds": dt, "cpu": cpu, "written": sum(own.values()),
+    stage_s = {st["id"]: round(st.get("seconds", 0.0), 1) for st in stats["stages"]}
+    if os.environ.get("CURATE_BENCH_DEBUG"):
+        print("stage seconds:", stage_s)
+    kinds: dict[str, list] = {}
+    for p, c in cpu_of.items():
+        k = kinds.setdefault(label.get(p, "?"), [0.0, 0])
+        k[0] += c
+        k[1] += 1
+    return {"seconds": dt, "cpu": cpu, "written": sum(own.values()), "cpu_by_process": kinds,
             "output": _dir_bytes(out / "data") + _dir_bytes(out / "rejected"), "rows": stats["run"]["rows_in"],
             "kept": stats["run"]["kept"], "driver_rss": peaks.get(proc.pid, 0), "worker_rss": max(others, default=0)}
 
@@ -266,6 +317,7 @@ def light(args, work: Path) -> None:
                   f"{1e3 * r['cpu'] / r['rows']:.3f} CPU-ms/row ({r['cpu']:.0f} CPU-s), kept {r['kept']}, "
                   f"peak RSS driver {r['driver_rss'] / 2**30:.2f} GB, largest worker {r['worker_rss'] / 2**30:.2f} GB",
                   flush=True)
+            print(f"    CPU-s by process (polled): {_breakdown(r)}", flush=True)
             shutil.rmtree(cfg["output"]["path"], ignore_errors=True)
         if ("local", n) in results and ("ray", n) in results:
             lo, ra = results[("local", n)], results[("ray", n)]
@@ -319,6 +371,7 @@ def main() -> None:
                           f"{r['written'] / max(1, r['output']):.2f}x, peak RSS driver "
                           f"{r['driver_rss'] / 2**30:.2f} GB, largest worker {r['worker_rss'] / 2**30:.2f} GB",
                           flush=True)
+                    print(f"    CPU-s by process (polled): {_breakdown(r)}", flush=True)
                     shutil.rmtree(cfg["output"]["path"], ignore_errors=True)
             finally:
                 server.terminate()

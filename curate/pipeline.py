@@ -176,6 +176,7 @@ def _plan_segments(config: Config, layout: Layout, prev: dict[str, Any] | None, 
     records = incremental.segment_records(config, run["base"], segments, schema,
                                           incremental.files_digest(manifest), retries)
     old = (prev or {}).get("segments") or []
+    grown = read_manifest(layout.input_manifest) != manifest  # appended files (prepare_output refused the rest)
     k = len(records)
     if prev is None:  # a new output
         k = 0
@@ -183,7 +184,7 @@ def _plan_segments(config: Config, layout: Layout, prev: dict[str, Any] | None, 
         k = incremental.first_change(old, records)
         if k < len(records) or len(old) != len(records):
             incremental.invalidate(layout, old, k, len(records))
-            cause = "the input gained files" if read_manifest(layout.input_manifest) != manifest else \
+            cause = "the input gained files" if grown else \
                 "failed rows are fetched again" if retry else None
             for line in incremental.describe(records, k, old, cause):
                 log.info("%s", line)
@@ -192,7 +193,7 @@ def _plan_segments(config: Config, layout: Layout, prev: dict[str, Any] | None, 
         rec["reused"] = prev is not None and j < k
         was = old[j].get("gen", 0) if j < len(old) else None
         rec["gen"] = 0 if was is None else was if j < k else was + 1
-    if read_manifest(layout.input_manifest) != manifest:  # appended files: recorded once their work is planned
+    if grown:  # appended files: recorded once their work is planned
         write_json_atomic(manifest, layout.input_manifest)
     # the work is consistent with the new records only now: record them last
     write_json_atomic({**run, "work_hash": config.work_hash(), "retries": retries, "segments": [

@@ -131,6 +131,8 @@ LOCATIONS = """
         location = /s429 {{ add_header Retry-After 1 always; return 429; }}
         location = /s503 {{ add_header Retry-After 3600 always; return 503; }}
         location /origin/ {{ proxy_pass {origin}/; proxy_buffering off; }}
+        # 503 while the file `down` exists in the site folder (a retry test heals it by deleting the file)
+        location /flaky/ {{ alias {site}/photos/; if (-f {site}/down) {{ add_header Retry-After 3600 always; return 503; }} }}
 """
 
 SERVERS = """

@@ -116,6 +116,56 @@ def test_nginx_answers(real_web, tmp_path, netlog):
     assert "127.0.0.2" not in connects  # the redirect to a refused address was never dialled
 
 
+# -- retrying failed downloads (#27) against nginx ----------------------------------------------------
+def test_retry_failed_refetches_exactly_what_nginx_refused(real_web, tmp_path):
+    """nginx answers 503 (Retry-After far past the deadline) under /flaky/ while a flag file exists. After the
+    flag is removed, ``retry_failed`` asks nginx again for exactly those URLs -- its access log says so --
+    and the output equals a fresh run against the healed server; the 403 and 404 rows are never asked again."""
+    import curate
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpers import read_dir, rows_by_uid
+
+    site, base = real_web, real_web.base
+    flaky = [f"/flaky/{n}.jpg?t=retry-{i}" for i, n in enumerate("abcdab")]
+    steady = ["/photos/c.jpg?t=retry", "/s403?t=retry", "/photos/missing.jpg?t=retry", "/photos/d.jpg?t=retry"]
+    targets = flaky + steady
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"uid": [f"u{i:02d}" for i in range(len(targets))], "url": [base + t for t in targets],
+                             "caption": [f"row {i} of a flaky site" for i in range(len(targets))]}), inp)
+
+    def cfg(out):
+        return {"input": {"path": str(inp), "uid_col": "uid", "shard_size": 4}, "output": {"path": str(out)},
+                "runner": {"kind": "local"},
+                "stages": [{"stage": "download", "image_size": 64, "allow_networks": ALLOW, "deadline": 10},
+                           {"stage": "image_size", "min_side": 32}]}
+
+    flag = site.site / "down"
+    flag.write_text("")
+    try:
+        curate.run(cfg(tmp_path / "out"))
+    finally:
+        flag.unlink()
+    first = {r["url"]: r for r in read_dir(tmp_path / "out" / "rejected").to_pylist()}
+    for t in flaky:
+        assert _why(first[base + t]) == ("download_failed", "http_503"), first[base + t]["reject_detail"]
+    assert _why(first[base + "/s403?t=retry"]) == ("download_failed", "http_403")
+
+    asked = {t: site.requests(t) for t in targets}
+    assert all(asked[t] == 1 for t in targets), asked
+    curate.run(cfg(tmp_path / "out"), retry_failed=[])
+    again = {t: site.requests(t) - asked[t] for t in targets}
+    assert again == {t: int(t in flaky) for t in targets}, again
+
+    curate.run(cfg(tmp_path / "fresh"))
+    for sub in ("data", "rejected"):
+        x, y = rows_by_uid(read_dir(tmp_path / "out" / sub)), rows_by_uid(read_dir(tmp_path / "fresh" / sub))
+        assert x == y, sub
+    kept = {r["url"] for r in read_dir(tmp_path / "out" / "data").to_pylist()}
+    assert {base + t for t in flaky} <= kept
+
+
 # -- HTTPS ---------------------------------------------------------------------------------------------
 def test_https_trusts_only_what_it_is_told(real_web, tmp_path, monkeypatch):
     site = real_web
