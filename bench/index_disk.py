@@ -9,7 +9,7 @@ process (its wall time and peak RSS its own):
 
 * **on disk**: ``curate index --on-disk-from 0``: IVF-SQ8 whose inverted lists go to a
   memory-mapped ``.ivfdata`` file (streamed: one shard of codes in RAM at a time);
-* **whole** (the baseline): the same factory built in RAM (``--kind ivfsq8 --on-disk-from never``,
+* **whole** (the baseline): the same factory built in RAM (``--kind ivfsq8 --on-disk-from never --on-disk-bytes never``,
   same seed: the same quantizer and codes), which a search loads whole;
 * with ``--with-default``: also what ``curate index`` chose before at this size
   (``IVF4096,PQ128x4fsr,Refine(SQfp16)`` in RAM at 1M x 512).
@@ -257,9 +257,10 @@ def main() -> None:
     try:
         work = Path(tmp)
         disk = work / "disk"
-        variants = {"disk": ["--on-disk-from", "0"], "whole": ["--kind", "ivfsq8", "--on-disk-from", "never"]}
+        never = ["--on-disk-from", "never", "--on-disk-bytes", "never"]
+        variants = {"disk": ["--on-disk-from", "0"], "whole": ["--kind", "ivfsq8", *never]}
         if a.with_default or (work / "default").is_dir():
-            variants["default"] = ["--on-disk-from", "never"]
+            variants["default"] = never
         if a.reuse:
             builds = json.loads((work / "builds.json").read_text())
             a.rows, a.dim, a.seed = builds.pop("_args")

@@ -73,7 +73,8 @@ def child_build(out: str, memory: str, on_disk_from: str) -> None:
 
     t0 = time.perf_counter()
     meta = build_index(out, memory=parse_bytes(memory),
-                       on_disk_from=None if on_disk_from == "never" else int(float(on_disk_from)))
+                       on_disk_from=None if on_disk_from == "never" else int(float(on_disk_from)),
+                       **({"on_disk_bytes": None} if on_disk_from == "never" else {}))
     e = meta["indices"]["kept.image"]
     e["wall"] = time.perf_counter() - t0
     e["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -30,8 +30,9 @@ import io
 import os
 import threading
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -247,17 +248,41 @@ class ClipEmbedder:
         return jobs
 
     def embed(self, images: list[bytes | None], captions: list[str | None]) -> Embeddings:
-        import torch
-
         if not images:
             z = np.zeros((0, 0), np.float16)
             return Embeddings(z, z, np.zeros(0, np.float32), [])
+        with self._one_thread():
+            return self._embed(images, captions)
+
+    def embed_texts(self, captions: list[str]) -> np.ndarray:
+        """Normalised text embeddings (float32) of ``captions`` alone, computed as :meth:`embed` computes the
+        text half of a row (same jobs, same trimming): a query needs no image forward pass (a search's text
+        took 43 ms through :meth:`embed` with a placeholder image, 2.5 ms without, on 2 cores)."""
+        import torch
+
+        if not captions:
+            return np.zeros((0, 0), np.float32)
+        with self._one_thread():
+            tokens = self.tokenize(list(captions))
+            futs = [self.compute.submit(self._text_task, tokens, idx, length) for idx, length in self._text_jobs(tokens)]
+            out = None
+            for f in futs:
+                idx, feats = f.result()
+                if out is None:
+                    out = torch.empty((len(captions), feats.shape[1]), dtype=torch.float32, device=self.device)
+                out[idx.to(self.device)] = feats
+            return out.cpu().numpy()
+
+    @contextmanager
+    def _one_thread(self) -> Iterator[None]:
+        import torch
+
         single = self.device.type == "cpu" and torch.get_num_threads() != 1
         previous = torch.get_num_threads()
         if single:
             torch.set_num_threads(1)  # scoped: other stages of the process keep theirs
         try:
-            return self._embed(images, captions)
+            yield
         finally:
             if single:
                 torch.set_num_threads(previous)

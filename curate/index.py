@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import schema as S
-from curate.index_plan import DEFAULT_MEMORY, ON_DISK_FROM, IndexPlan, human_bytes, plan_index
+from curate.index_plan import DEFAULT_MEMORY, ON_DISK_BYTES, ON_DISK_FROM, IndexPlan, human_bytes, plan_index
 from curate.io.files import InputError, write_json_atomic
 from curate.layout import Layout
 from curate.query import parquet_files
@@ -125,7 +125,7 @@ def _dimension(files: list[Path], column: str) -> int:
 
 def build_one(layout: Layout, view: str, modality: str, memory: int, kind: str = "auto", factory: str | None = None,
               target_recall: float = TARGET_RECALL, seed: int = 0, on_disk_from: int | None = ON_DISK_FROM,
-              nprobe: int | None = None) -> dict[str, Any]:
+              nprobe: int | None = None, on_disk_bytes: int | None = ON_DISK_BYTES) -> dict[str, Any]:
     """Build one index (see the module doc); returns its index.json entry.  ``nprobe``: fixed instead of tuned."""
     from curate.dedup.vectors import gpu_available, import_faiss
     from curate.index_disk import OnDiskBuilder, not_on_disk_reason
@@ -142,7 +142,7 @@ def build_one(layout: Layout, view: str, modality: str, memory: int, kind: str =
         raise InputError(f"index: no {column} in {view_dir(layout, view)} (the run needs a clip_embed stage)")
     t0 = time.perf_counter()
     try:
-        plan: IndexPlan = plan_index(total, dim, memory, kind, factory, on_disk_from)
+        plan: IndexPlan = plan_index(total, dim, memory, kind, factory, on_disk_from, on_disk_bytes)
         index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     except (ValueError, RuntimeError) as e:
         raise InputError(f"index: {' '.join(str(e).split())[:300]}") from None
@@ -260,9 +260,11 @@ def _finish_rows(body: Path, dest: Path, n: int) -> None:
 
 def build_index(output: str | Path, text: bool = False, rejected: bool = False, memory: int = DEFAULT_MEMORY,
                 kind: str = "auto", factory: str | None = None, target_recall: float = TARGET_RECALL,
-                seed: int = 0, on_disk_from: int | None = ON_DISK_FROM, nprobe: int | None = None) -> dict[str, Any]:
-    """Build ``OUT/index/`` (see the module doc); returns the content of index.json.  ``on_disk_from``: rows
-    from which an IVF index keeps its lists on disk (None: never); ``nprobe``: fixed instead of tuned."""
+                seed: int = 0, on_disk_from: int | None = ON_DISK_FROM, nprobe: int | None = None,
+                on_disk_bytes: int | None = ON_DISK_BYTES) -> dict[str, Any]:
+    """Build ``OUT/index/`` (see the module doc); returns the content of index.json.  ``on_disk_from``: rows,
+    ``on_disk_bytes``: bytes of float32 vectors, from which an IVF index keeps its lists on disk (None: never);
+    ``nprobe``: fixed instead of tuned."""
     layout = Layout(Path(output).expanduser().resolve())
     if not layout.data.is_dir():
         raise InputError(f"index: {output} is not a curate output (no data/ directory)")
@@ -273,7 +275,7 @@ def build_index(output: str | Path, text: bool = False, rejected: bool = False, 
             if view == "rejected" and not parquet_files(layout.rejected):
                 continue
             indices[f"{view}.{modality}"] = build_one(layout, view, modality, memory, kind, factory,
-                                                      target_recall, seed, on_disk_from, nprobe)
+                                                      target_recall, seed, on_disk_from, nprobe, on_disk_bytes)
     meta = {"version": 1, "indices": indices, "clip": clip_settings(layout)}
     write_json_atomic(meta, meta_path(layout.root))
     return meta

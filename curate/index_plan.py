@@ -16,7 +16,8 @@ product (= cosine):
 * ``kind="hnsw"``: ``HNSW32`` (float vectors + graph: fast and accurate, slow to build);
   ``factory="..."``: any ``faiss.index_factory`` string, as given.
 * **on disk** from ``on_disk_from`` rows (``curate index --on-disk-from``, default :data:`ON_DISK_FROM`;
-  None: never): ``IVF{nlist},SQ8`` (same ``nlist`` and quantizer rule) whose inverted lists live in a
+  None: never) or from ``on_disk_bytes`` bytes of float32 vectors (``--on-disk-bytes``, default
+  :data:`ON_DISK_BYTES`, 512 MiB; None: never): ``IVF{nlist},SQ8`` (same ``nlist`` and quantizer rule) whose inverted lists live in a
   memory-mapped ``.ivfdata`` file (curate/index_disk.py) -- only the coarse quantizer must fit the
   budget.  SQ8 (one byte a dimension) keeps distances within about 1% of exact, so recall is the IVF
   probing's own and ``nprobe`` alone trades it for speed; ``kind="ivfpq"`` on disk gives 8-bit
@@ -38,6 +39,9 @@ from typing import Any
 
 FLAT_MAX_ROWS = 1_000_000
 ON_DISK_FROM = 1_000_000  # rows from which `curate index` keeps IVF lists on disk (its --on-disk-from default)
+#: and from this many bytes of float32 vectors (rows x d x 4; its --on-disk-bytes default): 820,000 kept rows of
+#: 256-d embeddings are below 1M rows, but a flat index of them held 840 MB of a `curate serve`'s 2.0 GB
+ON_DISK_BYTES = 512 * 1024 ** 2
 DEFAULT_MEMORY = 4 * 1024 ** 3
 PQ_SUBQUANTIZERS = (128, 96, 64, 48, 32, 16, 8)
 HNSW_QUANTIZER_FROM = 2 ** 14
@@ -92,13 +96,19 @@ def ivf_lists(rows: int) -> int:
 
 
 def plan_index(rows: int, dim: int, memory: int = DEFAULT_MEMORY, kind: str = "auto",
-               factory: str | None = None, on_disk_from: int | None = None) -> IndexPlan:
+               factory: str | None = None, on_disk_from: int | None = None,
+               on_disk_bytes: int | None = None) -> IndexPlan:
     """The index for ``rows`` vectors of dimension ``dim`` within ``memory`` bytes (see the module doc);
-    ``on_disk_from``: rows from which IVF lists are kept on disk (None: never)."""
+    ``on_disk_from``: rows, ``on_disk_bytes``: bytes of float32 vectors, from which IVF lists are kept on disk
+    (None: never)."""
     flat_bytes = rows * dim * 4
-    on_disk = on_disk_from is not None and rows >= on_disk_from
+    by_rows = on_disk_from is not None and rows >= on_disk_from
+    by_bytes = on_disk_bytes is not None and flat_bytes >= on_disk_bytes
+    on_disk = by_rows or by_bytes
+    if on_disk and not by_rows:  # say which threshold sent it to disk
+        on_disk_from = None
     if factory:
-        why = "factory string given" + (f"; {rows} rows >= {on_disk_from}: lists on disk if it is an IVF index"
+        why = "factory string given" + ("; above the on-disk threshold: lists on disk if it is an IVF index"
                                         if on_disk else "")
         return IndexPlan(factory, "custom", reason=why, on_disk=on_disk)
     if kind == "flat" or (kind == "auto" and not on_disk and rows < FLAT_MAX_ROWS and flat_bytes <= memory):
@@ -149,7 +159,9 @@ def _plan_plain_ivf(rows: int, dim: int, memory: int, kind: str, nlist: int, coa
                          f"({human_bytes(resident)}) do not fit a memory budget of {human_bytes(memory)}: raise "
                          "--memory or give --factory")
     if on_disk:
-        why = (f"{rows} rows >= {on_disk_from}: inverted lists on disk ({human_bytes(lists)} of {codec} codes, "
+        cause = f"{rows} rows >= {on_disk_from}" if on_disk_from is not None else \
+            f"{human_bytes(rows * dim * 4)} of vectors >= the on-disk threshold"
+        why = (f"{cause}: inverted lists on disk ({human_bytes(lists)} of {codec} codes, "
                f"memory-mapped), {human_bytes(coarse)} quantizer in RAM")
     else:
         why = "asked"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from curate.index_plan import ON_DISK_FROM
+from curate.index_plan import ON_DISK_BYTES, ON_DISK_FROM
 from curate.io.files import InputError
 
 SHOWN = ("uid", "score", "caption", "url")
@@ -30,6 +30,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"from this many vectors an IVF index keeps its inverted lists in a memory-mapped .ivfdata "
                         f"file: searches hold the quantizer, not the lists, in RAM (default {ON_DISK_FROM}; 0: "
                         "always; 'never': in RAM)")
+    s.add_argument("--on-disk-bytes", default=f"{ON_DISK_BYTES >> 20}MiB", metavar="SIZE",
+                   help="also from this many bytes of float32 vectors (rows x dimension x 4), fewer rows than "
+                        f"--on-disk-from (default {ON_DISK_BYTES >> 20}MiB; 'never': by rows only)")
     s.add_argument("--nprobe", type=int, default=None,
                    help="lists an IVF search visits, fixed instead of tuned for --target-recall")
     s.set_defaults(func=cmd_index)
@@ -71,11 +74,15 @@ def cmd_index(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise InputError(f"index: --memory: {e}") from None
     on_disk_from = None if args.on_disk_from.strip().lower() == "never" else _rows(args.on_disk_from)
+    try:
+        on_disk_bytes = None if args.on_disk_bytes.strip().lower() == "never" else parse_bytes(args.on_disk_bytes)
+    except ValueError as e:
+        raise InputError(f"index: --on-disk-bytes: {e} (or 'never')") from None
     if args.nprobe is not None and args.nprobe < 1:
         raise InputError("index: --nprobe must be at least 1")
     meta = build_index(args.output, text=args.text, rejected=args.rejected, memory=memory, kind=args.kind,
                        factory=args.factory, target_recall=args.target_recall, on_disk_from=on_disk_from,
-                       nprobe=args.nprobe)
+                       nprobe=args.nprobe, on_disk_bytes=on_disk_bytes)
     sys.stdout.write(describe(meta) + "\n")
     from curate.dup_groups import summary  # the table `curate serve` pages duplicate groups from (issue #28)
 

@@ -142,6 +142,25 @@ def test_batching_does_not_change_a_single_bit(result, tiny_clip, table):
         assert s[S.CLIP_SCORE][0].as_py() == result.table[S.CLIP_SCORE][i].as_py()
 
 
+def test_text_alone_gives_the_bits_a_row_gets(result, tiny_clip, table):
+    """``embed_texts`` (a search query: no image forward pass) gives every caption the text embedding the
+    stage stored for its row, bit for bit once stored as float16, and normalised."""
+    import torch
+
+    from curate.clip_embedder import ClipEmbedder
+    from curate.clip_model import load_clip
+
+    emb = ClipEmbedder(load_clip(tiny_clip, None, torch.device("cpu"), 0), torch.device("cpu"), batch_size=4)
+    caps = table[S.CAPTION].to_pylist()
+    alone = emb.embed_texts(caps)
+    assert alone.dtype == np.float32 and np.allclose(np.linalg.norm(alone, axis=1), 1, atol=1e-5)
+    stored = result.table[S.TEXT_EMBEDDING].to_pylist()
+    rows = [i for i, v in enumerate(stored) if v is not None]  # rows whose image failed to decode store none
+    assert len(rows) >= 8
+    assert np.array_equal(alone[rows].astype(np.float16), np.array([stored[i] for i in rows], np.float16))
+    assert emb.embed_texts([]).shape == (0, 0)
+
+
 def test_random_init_is_loud_and_checkpoints_load(tiny_clip, table, tmp_path, caplog):
     import open_clip
     import torch

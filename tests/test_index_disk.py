@@ -16,7 +16,7 @@ import pytest
 
 from curate import schema as S
 from curate.cli import main
-from curate.index_plan import ON_DISK_FROM, plan_index
+from curate.index_plan import ON_DISK_BYTES, ON_DISK_FROM, plan_index
 
 
 def _output(root: Path, files: int = 3, rows: int = 7000, d: int = 32) -> tuple[Path, np.ndarray, list[str]]:
@@ -58,6 +58,12 @@ def test_plan_keeps_lists_on_disk_from_the_threshold():
         plan_index(10 ** 12, 512, memory=512 << 20, on_disk_from=0)  # 2^18 lists x 512 floats + graph: 1 GiB
     custom = plan_index(2_000_000, 512, factory="IVF1024,PQ64x4fs", on_disk_from=ON_DISK_FROM)
     assert custom.kind == "custom" and custom.on_disk  # decided when the index exists (below)
+    # fewer rows, but more than 512 MiB of float32 vectors (820k x 256 = 840 MB: a flat index held that in RAM)
+    assert ON_DISK_BYTES == 512 << 20
+    by_bytes = plan_index(820_000, 256, on_disk_from=ON_DISK_FROM, on_disk_bytes=ON_DISK_BYTES)
+    assert by_bytes.on_disk and by_bytes.factory == "IVF4096,SQ8" and "of vectors >= the on-disk" in by_bytes.reason
+    assert plan_index(500_000, 256, on_disk_from=ON_DISK_FROM, on_disk_bytes=ON_DISK_BYTES).kind == "flat"  # 512 MB
+    assert plan_index(820_000, 256, on_disk_from=ON_DISK_FROM).kind == "flat"  # no byte threshold: by rows only
 
 
 def test_which_indices_can_keep_their_lists_on_disk():
@@ -77,6 +83,19 @@ def _lists(index):
     import faiss
 
     return faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+
+
+def test_the_byte_threshold_sends_an_index_of_fewer_rows_to_disk(tmp_path, capfd):
+    out, _, uids = _output(tmp_path / "out", files=1, rows=3000)
+    e = lambda: json.loads((out / "index" / "index.json").read_text())["indices"]["kept.image"]  # noqa: E731
+    assert main(["index", str(out)]) == 0 and not e()["on_disk"]  # 3,000 x 32 floats: far below both defaults
+    assert main(["index", str(out), "--on-disk-bytes", "64KiB"]) == 0
+    assert e()["on_disk"] and "of vectors >= the on-disk threshold" in e()["reason"] and e()["rows"] == len(uids)
+    assert main(["index", str(out), "--on-disk-bytes", "never", "--on-disk-from", "never"]) == 0 and not e()["on_disk"]
+    capfd.readouterr()
+    assert main(["index", str(out), "--on-disk-bytes", "lots"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--on-disk-bytes" in err[0], err
 
 
 def test_on_disk_index_returns_what_the_same_ivf_in_ram_returns(tmp_path, monkeypatch, capfd):

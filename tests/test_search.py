@@ -99,6 +99,36 @@ def test_ivfpq_index_maps_positions_to_uids_and_reports_recall(tmp_path, capsys)
         assert pq.read_table(out / "data" / f, columns=[S.UID]).column(0)[r].as_py() == u
 
 
+def test_a_filtered_search_reads_the_conditions_columns_then_only_its_hits_whole(tmp_path, monkeypatch):
+    """Candidates are read with the columns the condition names; the rows kept are then read whole.  Checked
+    against the unfiltered exact search filtered here, and by the columns each read asked for."""
+    from curate.row_reader import RowReader
+    from curate.search import Searcher, where_columns
+
+    assert where_columns("clip_score > 0.3 AND caption LIKE '%uid%'") == {"clip_score", "and", "caption", "like"}
+    assert where_columns('"Clip_Score" > 0.3') == {"clip_score"}
+    assert where_columns("COLUMNS('c.*') > 1") is None and where_columns("* > 1") is None
+    out, x, uids = _synthetic_output(tmp_path / "out", rows=2000)
+    assert main(["index", str(out), "--kind", "flat"]) == 0
+    s = Searcher(out)
+    full = s.search(x[3], k=len(uids)).to_pylist()  # every row, best first (exact)
+    want = [r for r in full if r[S.CLIP_SCORE] < 0.05 and r[S.CAPTION] != "caption f0-r3"][:20]
+    asked = []
+    read = RowReader.read
+
+    def spy(self, name, rows, columns=None):
+        asked.append(None if columns is None else sorted(columns))
+        return read(self, name, rows, columns)
+
+    monkeypatch.setattr(RowReader, "read", spy)
+    got = s.search(x[3], k=20, where=f"\"{S.CLIP_SCORE}\" < 0.05 AND caption <> 'caption f0-r3'").to_pylist()
+    assert len(got) == 20 and [r["uid"] for r in got] == [r["uid"] for r in want]
+    assert [{k: v for k, v in r.items() if k != "rank"} for r in got] == \
+        [{k: v for k, v in r.items() if k != "rank"} for r in want]  # every column of the hits
+    assert [r["rank"] for r in got] == list(range(1, 21))
+    assert sorted({S.CLIP_SCORE, S.CAPTION}) in asked and None in asked, asked  # narrow reads, then whole rows
+
+
 def _uid_of(con, sql: str) -> tuple:
     return con.execute(sql).fetchone()
 
