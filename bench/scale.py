@@ -228,9 +228,7 @@ def run_pipeline(cfg: dict, work: Path, keep: set[int]) -> dict:
     others = [v for p, v in peaks.items() if p != proc.pid]
     if os.environ.get("CURATE_BENCH_DEBUG"):
         print("polled write_bytes per process (MB):", sorted((round(v / 2**20, 1) for v in own.values()), reverse=True)[:12])
-    stage_s = {st["id"]: round(st.get("seconds", 0.0), 1) for st in stats["stages"]}
-    if os.environ.get("CURATE_BENCH_DEBUG"):
-        print("stage seconds:", stage_s)
+        print("stage seconds:", {st["id"]: round(st.get("seconds", 0.0), 1) for st in stats["stages"]})
     kinds: dict[str, list] = {}
     for p, c in cpu_of.items():
         k = kinds.setdefault(label.get(p, "?"), [0.0, 0])

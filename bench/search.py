@@ -69,12 +69,12 @@ def write_output(out: Path, rows: int, dim: int, seed: int, captions: bool = Fal
 
 def child_build(out: str, memory: str, on_disk_from: str) -> None:
     from curate.index import build_index
-    from curate.index_plan import parse_bytes
+    from curate.index_plan import ON_DISK_BYTES, parse_bytes
 
     t0 = time.perf_counter()
     meta = build_index(out, memory=parse_bytes(memory),
                        on_disk_from=None if on_disk_from == "never" else int(float(on_disk_from)),
-                       **({"on_disk_bytes": None} if on_disk_from == "never" else {}))
+                       on_disk_bytes=None if on_disk_from == "never" else ON_DISK_BYTES)
     e = meta["indices"]["kept.image"]
     e["wall"] = time.perf_counter() - t0
     e["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

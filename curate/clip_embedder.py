@@ -262,16 +262,8 @@ class ClipEmbedder:
 
         if not captions:
             return np.zeros((0, 0), np.float32)
-        with self._one_thread():
-            tokens = self.tokenize(list(captions))
-            futs = [self.compute.submit(self._text_task, tokens, idx, length) for idx, length in self._text_jobs(tokens)]
-            out = None
-            for f in futs:
-                idx, feats = f.result()
-                if out is None:
-                    out = torch.empty((len(captions), feats.shape[1]), dtype=torch.float32, device=self.device)
-                out[idx.to(self.device)] = feats
-            return out.cpu().numpy()
+        with self._one_thread(), torch.inference_mode():
+            return self._gather_texts(len(captions), self._submit_texts(self.tokenize(list(captions)))).cpu().numpy()
 
     @contextmanager
     def _one_thread(self) -> Iterator[None]:
@@ -293,22 +285,31 @@ class ClipEmbedder:
         n = len(images)
         starts = list(range(0, n, self.batch_size))
         window = self.workers + PREFETCH_BATCHES  # forward batches decoded or in flight at once
-        tokens = self.tokenize(captions)  # while the first batches decode
-        text_futs = [self.compute.submit(self._text_task, tokens, idx, length) for idx, length in self._text_jobs(tokens)]
+        text_futs = self._submit_texts(self.tokenize(captions))  # while the first batches decode
         image_futs = [self.compute.submit(self._image_task, self._submit_decode(images, s)) for s in starts[:window]]
         with torch.inference_mode():
             return self._gather(n, starts, window, images, text_futs, image_futs)
+
+    def _submit_texts(self, tokens: Any) -> list:
+        return [self.compute.submit(self._text_task, tokens, idx, length) for idx, length in self._text_jobs(tokens)]
+
+    def _gather_texts(self, n: int, futs: list) -> Any:
+        """The ``n`` rows' normalised text features (float32, on the device) from :meth:`_submit_texts`'s jobs."""
+        import torch
+
+        txt = None
+        for f in futs:
+            idx, feats = f.result()
+            if txt is None:
+                txt = torch.empty((n, feats.shape[1]), dtype=torch.float32, device=self.device)
+            txt[idx.to(self.device)] = feats
+        return txt
 
     def _gather(self, n: int, starts: list[int], window: int, images: list, text_futs: list,
                 image_futs: list) -> Embeddings:
         import torch
 
-        txt = None
-        for f in text_futs:
-            idx, feats = f.result()
-            if txt is None:
-                txt = torch.empty((n, feats.shape[1]), dtype=torch.float32, device=self.device)
-            txt[idx.to(self.device)] = feats
+        txt = self._gather_texts(n, text_futs)
         errors: list[str | None] = [None] * n
         img_parts, scores = [], []
         for k in range(len(starts)):

@@ -102,14 +102,14 @@ def plan_index(rows: int, dim: int, memory: int = DEFAULT_MEMORY, kind: str = "a
     ``on_disk_from``: rows, ``on_disk_bytes``: bytes of float32 vectors, from which IVF lists are kept on disk
     (None: never)."""
     flat_bytes = rows * dim * 4
-    by_rows = on_disk_from is not None and rows >= on_disk_from
-    by_bytes = on_disk_bytes is not None and flat_bytes >= on_disk_bytes
-    on_disk = by_rows or by_bytes
-    if on_disk and not by_rows:  # say which threshold sent it to disk
-        on_disk_from = None
+    disk_cause = None  # which threshold sends the lists to disk, for the reason printed and stored
+    if on_disk_from is not None and rows >= on_disk_from:
+        disk_cause = f"{rows} rows >= {on_disk_from}"
+    elif on_disk_bytes is not None and flat_bytes >= on_disk_bytes:
+        disk_cause = f"{human_bytes(flat_bytes)} of vectors >= the on-disk threshold"
+    on_disk = disk_cause is not None
     if factory:
-        why = "factory string given" + ("; above the on-disk threshold: lists on disk if it is an IVF index"
-                                        if on_disk else "")
+        why = "factory string given" + (f"; {disk_cause}: lists on disk if it is an IVF index" if on_disk else "")
         return IndexPlan(factory, "custom", reason=why, on_disk=on_disk)
     if kind == "flat" or (kind == "auto" and not on_disk and rows < FLAT_MAX_ROWS and flat_bytes <= memory):
         why = "asked" if kind == "flat" else \
@@ -123,7 +123,7 @@ def plan_index(rows: int, dim: int, memory: int = DEFAULT_MEMORY, kind: str = "a
     coarse = nlist * dim * 4 * (2 if nlist >= HNSW_QUANTIZER_FROM else 1)
     quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
     if on_disk or kind == "ivfsq8":
-        return _plan_plain_ivf(rows, dim, memory, kind, nlist, coarse, quantizer, on_disk, on_disk_from)
+        return _plan_plain_ivf(rows, dim, memory, kind, nlist, coarse, quantizer, disk_cause)
     for m in (m for m in PQ_SUBQUANTIZERS if dim % m == 0 and 2 * m <= dim):
         codes = rows * (m // 2 + ID_BYTES) + coarse
         if codes <= memory:
@@ -141,8 +141,10 @@ def plan_index(rows: int, dim: int, memory: int = DEFAULT_MEMORY, kind: str = "a
 
 
 def _plan_plain_ivf(rows: int, dim: int, memory: int, kind: str, nlist: int, coarse: int, quantizer: str,
-                    on_disk: bool, on_disk_from: int | None) -> IndexPlan:
-    """IVF with ordinary inverted lists: SQ8 codes (``kind`` auto / ivfsq8) or 8-bit PQ (ivfpq), on disk or not."""
+                    disk_cause: str | None) -> IndexPlan:
+    """IVF with ordinary inverted lists: SQ8 codes (``kind`` auto / ivfsq8) or 8-bit PQ (ivfpq), on disk (why:
+    ``disk_cause``) or not (None)."""
+    on_disk = disk_cause is not None
     if kind == "ivfpq":
         ms = [m for m in PQ_SUBQUANTIZERS if dim % m == 0 and 4 * m <= dim]
         if not ms:
@@ -159,9 +161,7 @@ def _plan_plain_ivf(rows: int, dim: int, memory: int, kind: str, nlist: int, coa
                          f"({human_bytes(resident)}) do not fit a memory budget of {human_bytes(memory)}: raise "
                          "--memory or give --factory")
     if on_disk:
-        cause = f"{rows} rows >= {on_disk_from}" if on_disk_from is not None else \
-            f"{human_bytes(rows * dim * 4)} of vectors >= the on-disk threshold"
-        why = (f"{cause}: inverted lists on disk ({human_bytes(lists)} of {codec} codes, "
+        why = (f"{disk_cause}: inverted lists on disk ({human_bytes(lists)} of {codec} codes, "
                f"memory-mapped), {human_bytes(coarse)} quantizer in RAM")
     else:
         why = "asked"
