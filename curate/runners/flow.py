@@ -103,11 +103,15 @@ def read_group(layout: Layout, k: int, shard: str, columns: list[str] | None = N
     parts = [fs.read_table(f, columns=cols) for f in files]
     if known is not None and columns is None:
         known.names.update({str(f): t.column_names for f, t in zip(files, parts)})
-    t = pa.concat_tables(parts, promote_options="permissive").sort_by(POS)
+    # a retried batch written twice: identical rows
+    return _first_per_position(pa.concat_tables(parts, promote_options="permissive").sort_by(POS))
+
+
+def _first_per_position(t: pa.Table) -> pa.Table:
+    """The first row of each run of equal positions of a table sorted by position."""
     pos = t[POS].to_numpy()
-    if len(pos) > 1 and (pos[1:] == pos[:-1]).any():  # a retried batch written twice: identical rows
-        keep = np.r_[True, pos[1:] != pos[:-1]]
-        t = t.filter(pa.array(keep))
+    if len(pos) > 1 and (pos[1:] == pos[:-1]).any():
+        t = t.filter(pa.array(np.r_[True, pos[1:] != pos[:-1]]))
     return t
 
 
@@ -314,8 +318,7 @@ def _cached_rows(t: pa.Table, gen: int, cache: RowCache) -> dict[str, pa.Table]:
     stage_col = t[S.REJECT_STAGE].to_pylist() if S.REJECT_STAGE in t.column_names else [None] * t.num_rows
     # the index of the stage that rejected the row (every stage ran before it; none after); len(order): none did
     last = np.array([len(order) if r is None else at.get(r, -1) for r in stage_col])
-    errors = np.array(t[S.ERROR_TYPE].to_pylist() if S.ERROR_TYPE in t.column_names else [None] * t.num_rows,
-                      dtype=object)
+    errors = None  # the error types, read when a stage's rejections are retried
     out = {}
     for sid in cache.reusable():
         i = at.get(sid)
@@ -329,6 +332,9 @@ def _cached_rows(t: pa.Table, gen: int, cache: RowCache) -> dict[str, pa.Table]:
         ran = last >= i
         rejected_here = np.array([r == sid for r in stage_col])
         if sid in cache.retry:  # rejected with an error type to retry: fetched again, not reused
+            if errors is None:
+                errors = np.array(t[S.ERROR_TYPE].to_pylist() if S.ERROR_TYPE in t.column_names
+                                  else [None] * t.num_rows, dtype=object)
             pats = cache.retry[sid]
             again = {e for e in set(errors[rejected_here]) if e is not None and any(fnmatchcase(e, p) for p in pats)}
             ran &= ~(rejected_here & np.isin(errors, list(again)))
@@ -364,10 +370,8 @@ def attach_cache(layout: Layout, k: int, shard: str, table: pa.Table, cache: Row
             found.setdefault(sid, []).append(part)
     pos = table[POS]
     for sid, parts in found.items():
-        m = pa.concat_tables(parts, promote_options="permissive").sort_by([(POS, "ascending"), ("__gen", "descending")])
-        p = m[POS].to_numpy()
-        if len(p) > 1:
-            m = m.filter(pa.array(np.r_[True, p[1:] != p[:-1]]))
+        m = _first_per_position(  # the newest generation's result of each row
+            pa.concat_tables(parts, promote_options="permissive").sort_by([(POS, "ascending"), ("__gen", "descending")]))
         idx = pc.index_in(pos, value_set=m[POS])
         table = table.append_column(HIT + sid, pc.is_valid(idx))
         for name in m.column_names:
