@@ -25,7 +25,8 @@ from curate.config import Config, ConfigError, load_config
 from curate.dup_groups import write_after_run
 from curate.ingest import STAGE_ID as INPUT_ID
 from curate.ingest import ShardInfo, check_input
-from curate.io.files import InputError, list_input_files, write_bytes_atomic, write_json_atomic, write_text_atomic
+from curate.io.files import (InputError, list_input_files, remove_stale_temps, write_bytes_atomic, write_json_atomic,
+                             write_text_atomic)
 from curate.io.manifest import added_files, build_manifest, describe_changes, read_manifest
 from curate.layout import Layout
 from curate.runners import make_runner
@@ -114,6 +115,7 @@ def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any], app
                              "from the current input")
         if change is None and prev.get("work_hash") == h and not retry:
             log.info("resuming the run in %s", layout.root)
+            _remove_stale_temps(layout)
             return prev
         if change is not None and not grown:
             log.warning("input changed since %s was started (%s); starting over (output.overwrite)",
@@ -128,6 +130,7 @@ def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any], app
             elif prev.get("work_hash") != h:
                 log.info("%s was made with another config: re-running the segments that changed", layout.root)
             fs.remove(layout.work / "output_schema.arrow")  # rebuilt for the new stages and input files
+            _remove_stale_temps(layout)
             return prev
         else:
             log.warning("%s was made with other input settings, another curate version, or its work folder "
@@ -147,6 +150,12 @@ def prepare_output(config: Config, layout: Layout, manifest: dict[str, Any], app
     write_json_atomic(manifest, layout.input_manifest)  # before run.json: a run.json always has its manifest
     write_json_atomic({"work_hash": h, "base": base, "created": time.time()}, layout.run_file)
     return None
+
+
+def _remove_stale_temps(layout: Layout) -> None:
+    n = remove_stale_temps(layout.work, layout.data, layout.rejected)
+    if n:
+        log.info("removed %d temp file(s) that an interrupted run was writing", n)
 
 
 def retry_types(stages: list[Stage], retry_failed: list[str] | None) -> dict[str, list[str]]:

@@ -50,3 +50,19 @@ def test_kill_and_resume(demo_input, demo_run_local, tmp_path):
     assert [c[1:] for c in stage_counts(out)] == [c[1:] for c in stage_counts(ref)]
     # no temp files or parts left behind
     assert not list(out.rglob("*.tmp"))
+
+
+def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
+    """A write killed between its temp file and the rename leaves ``.NAME.XXXXXXXX.tmp``: a run that builds on the
+    output deletes those (and nothing else) in its local folders."""
+    from curate.io.files import remove_stale_temps
+
+    stale = [tmp_path / "_work" / "seg-0" / ".a~g1~0-19-20.parquet.0ae4ae1b.tmp",
+             tmp_path / "_work" / "done" / "seg-2" / ".a.json.12345678.tmp", tmp_path / "data" / ".b.parquet.9abc.tmp"]
+    kept = [tmp_path / "_work" / "seg-0" / "a~g1~0-19-20.parquet", tmp_path / "data" / ".hidden",
+            tmp_path / "data" / "notes.tmp"]
+    for f in stale + kept:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("x")
+    assert remove_stale_temps(tmp_path / "_work", tmp_path / "data", None, tmp_path / "missing") == 3
+    assert not any(f.exists() for f in stale) and all(f.exists() for f in kept)

@@ -125,7 +125,7 @@ def _atomic(path: Any, write: Callable[[Any], None]) -> None:
         except OSError as e:
             raise _write_error(path, e) from None
         return
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # see remove_stale_temps
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -139,6 +139,24 @@ def _atomic(path: Any, write: Callable[[Any], None]) -> None:
         except OSError:
             log.warning("could not remove the temp file %s", tmp)
 
+
+
+def remove_stale_temps(*folders: Any) -> int:
+    """Delete the ``.NAME.XXXXXXXX.tmp`` files that writes killed half-way (SIGKILL, a lost node) left in local
+    ``folders`` (object storage has none: a PUT is whole or absent); returns how many.  Called when a run builds on
+    an earlier one, which no other run writes to at the same time."""
+    from curate.io.remote import is_remote
+
+    n = 0
+    for folder in folders:
+        if folder is None or is_remote(folder) or not Path(folder).is_dir():
+            continue
+        for parent, _, names in os.walk(folder):
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    Path(parent, name).unlink(missing_ok=True)
+                    n += 1
+    return n
 
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """Columns worth dictionary-encoding: all but float vectors (embeddings), whose distinct values fill a
