@@ -27,22 +27,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from curate.demo.nginx import free_port  # distinct ports for every call in one process
+
 REPO = Path(__file__).resolve().parents[1]
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 WORK_TASKS = ("MapBatches", "_finish", "_StageActor", "_stage_task", "_shard_task", "_read_shards", "_write_parts")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _LEAKED = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_CLIENT_MODE", "RAY_ADDRESS",

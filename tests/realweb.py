@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from curate.demo.nginx import Nginx, free_port
+from curate.demo.nginx import Nginx, PortTaken, free_port
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")
 BIG_BYTES = 3 << 20  # served with a Content-Length (nginx) and without one (origin, chunked by nginx)
@@ -165,9 +165,15 @@ class NginxSite(Nginx):
         (self.site / "robots.txt").write_text("User-agent: *\nDisallow: /private/\n")
         self.ca = make_ca(folder / "certs", ("curate.test",))
         self.origin = origin
-        self.http_port, self.https_port = free_port(), free_port()
-        fmt = dict(site=self.site, certs=folder / "certs", http_port=self.http_port, https_port=self.https_port,
-                   origin=origin.base)
-        super().__init__(folder / "run", SERVERS.format(locations=LOCATIONS.format(**fmt), **fmt),
-                         [self.http_port, self.https_port])
+        for attempt in range(3):
+            self.http_port, self.https_port = free_port(), free_port()
+            fmt = dict(site=self.site, certs=folder / "certs", http_port=self.http_port,
+                       https_port=self.https_port, origin=origin.base)
+            try:
+                super().__init__(folder / "run", SERVERS.format(locations=LOCATIONS.format(**fmt), **fmt),
+                                 [self.http_port, self.https_port])
+                break
+            except PortTaken:  # another process bound a port after free_port chose it: choose again
+                if attempt == 2:
+                    raise
         self.base = f"http://127.0.0.1:{self.http_port}"

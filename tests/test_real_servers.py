@@ -276,3 +276,35 @@ def test_resize_threads_change_only_the_speed(real_web, tmp_path, monkeypatch):
         assert {k: a[k] for k in a if k != "source_file"} == {k: b[k] for k in b if k != "source_file"}, u
     assert sum(r["reject_reason"] is None for r in one.values()) == 12
     assert work_params(DownloadParams(resize_threads=3, thread_count=5)) == work_params(DownloadParams())
+
+
+# -- the fixture itself: two servers never share a port -------------------------------------------------
+def test_free_ports_are_distinct_and_a_taken_port_is_chosen_again(tmp_path, monkeypatch):
+    """CI once got one port for both of NginxSite's servers (the kernel hands a just-closed ephemeral port
+    out again): nginx merged them into one ``ssl`` socket and refused to start. Ports one process is given
+    are distinct, and a port some other process binds before nginx does is replaced, not fatal."""
+    import socket
+
+    import realweb
+    from curate.demo.nginx import free_port, nginx_binary
+
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed (.ci/run installs Debian's nginx-light)")
+    with socket.socket() as squatter:  # another process's listener on the port free_port hands out first
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        handed = iter([taken, free_port()])
+        monkeypatch.setattr(realweb, "free_port", lambda: next(handed, None) or free_port())
+        origin = realweb.Http10Origin(tmp_path / "origin")
+        try:
+            site = realweb.NginxSite(tmp_path / "nginx", origin)
+            try:
+                assert taken not in (site.http_port, site.https_port)
+                assert site.http_port != site.https_port
+            finally:
+                site.stop()
+        finally:
+            origin.stop()

@@ -44,10 +44,28 @@ def nginx_binary() -> str | None:
                                           if os.access(p, os.X_OK)), None)
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on at 127.0.0.1 now, and never one this process was given before.
+
+    The kernel may hand the same ephemeral port to two binds in a row once the first socket is
+    closed, so two calls could return one port: two nginx servers on it merge into one socket (the
+    CI saw the http server inherit the https server's ``ssl``). A port is still only free until
+    someone binds it; callers that start servers retry with new ports (:class:`PortTaken`).
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+
+
+class PortTaken(RuntimeError):
+    """nginx could not bind a port: another process took it between :func:`free_port` and the start."""
 
 
 class Nginx:
@@ -69,28 +87,41 @@ class Nginx:
             workers=workers, run=self.run_dir, servers=servers,
             access_log=f"{self.run_dir}/access.log" if access_log else "off",
             user="user root;" if os.geteuid() == 0 else ""))  # as root, workers must read 0700 temp folders
+        for stale in ("nginx.pid", "error.log"):  # a start before this one in the same folder (a retry)
+            (self.run_dir / stale).unlink(missing_ok=True)
         self.proc = subprocess.Popen([binary, "-p", str(self.run_dir), "-e", str(self.run_dir / "error.log"),
                                       "-c", str(conf), "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            for port in ports:
-                self._wait(port, start_seconds)
+            self._wait(ports, start_seconds)
         except RuntimeError:
             self.stop()
             raise
 
-    def _wait(self, port: int, seconds: float) -> None:
+    def _wait(self, ports: list[int], seconds: float) -> None:
+        """Until nginx has written its pid file (after it bound every listening socket) and answers on ``ports``.
+
+        A port answering is not enough: someone else may listen there while nginx retries its bind
+        (it logs ``Address already in use`` and tries again for 2.5 s before it exits).
+        """
+        pid_file, log = self.run_dir / "nginx.pid", self.run_dir / "error.log"
         end = time.monotonic() + seconds
         while time.monotonic() < end:
+            logged = log.read_text(errors="replace") if log.exists() else ""
+            if "Address already in use" in logged:
+                raise PortTaken(f"nginx could not bind its port: {logged.strip().splitlines()[-1][-300:]}")
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace").strip()
+                err = self.proc.stderr.read().decode(errors="replace").strip() or logged.strip()
                 raise RuntimeError(f"nginx exited with {self.proc.returncode}: {err[-500:]}")
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
+                if pid_file.read_text().strip() == str(self.proc.pid):
+                    for port in ports:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    return
             except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"nginx is not listening on 127.0.0.1:{port} after {seconds:g} s")
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"nginx is not listening on 127.0.0.1:{ports} after {seconds:g} s")
 
     def requests(self, target: str) -> int:
         """How many GET requests the access log holds for ``target`` (path and query string, exactly)."""
