@@ -10,7 +10,8 @@ loopback server answers 503 to ``--fail`` of their URLs.  Then, on the same outp
 Each step is a ``curate run`` command of its own (a fresh process, as a user runs it: its start-up, imports and
 model loading included).  For each it prints wall time, the ratio to the first run, the image requests the server
 got and the rows that ``download``, ``clip_embed``, ``caption_perplexity`` and ``recaption`` ran on (stats.json
-``rows_computed``; the others' results came from the row cache).
+``rows_computed``; the others' results came from the row cache) and, per segment, the shards whose column group
+(and in the last segment ``data/`` and ``rejected/``) was carried forward unchanged instead of rewritten.
 
     python bench/incremental.py --n 5000 --append-rows 500 --fail 0.05 [--runner local|ray]
 """
@@ -45,6 +46,12 @@ def _set(cfg: dict, stage: str, **params) -> None:
             st.update(params)
 
 
+def carried(out: Path) -> list[int]:
+    """Per segment, the shards whose column group the run carried forward unchanged (done markers)."""
+    done = sorted((out / "_work" / "done").glob("seg-*"), key=lambda d: int(d.name[4:]))
+    return [sum(bool(json.loads(p.read_text()).get("carried")) for p in d.glob("*.json")) for d in done]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=5000, help="rows of the first run")
@@ -76,7 +83,7 @@ def main() -> None:
             print(f"demo pipeline, {args.runner} runner, {os.cpu_count()} CPUs: {args.n} rows, then "
                   f"{args.append_rows} appended; {len(failing)} URLs answered 503 in the first run", flush=True)
             print(f"{'step':<34} {'wall':>8} {'vs first':>9} {'requests':>9}  rows computed: "
-                  + " ".join(f"{s:>18}" for s in MODEL_STAGES), flush=True)
+                  + " ".join(f"{s:>18}" for s in MODEL_STAGES) + "   shards carried per segment", flush=True)
 
             def add_file() -> None:
                 pq.write_table(table.slice(args.n), work / "in" / "a.parquet")
@@ -104,7 +111,8 @@ def main() -> None:
                 stats = json.loads((work / "out" / "stats.json").read_text())
                 ran = {s["id"]: s.get("rows_computed", 0) for s in stats["stages"]}
                 print(f"{name:<34} {dt:7.1f}s {dt / first:8.2f}x {server.hits - hits:9d}  {'':>14}"
-                      + " ".join(f"{ran.get(s, 0):>18}" for s in MODEL_STAGES), flush=True)
+                      + " ".join(f"{ran.get(s, 0):>18}" for s in MODEL_STAGES)
+                      + f"   {'/'.join(str(n) for n in carried(work / 'out'))}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -141,7 +141,7 @@ def why_changed(prev: list[dict[str, Any]], new: list[dict[str, Any]], k: int) -
 
 
 def invalidate(layout: Layout, prev: list[dict[str, Any]], k: int, n_new: int | None = None) -> None:
-    """Remove the work of the previous run's segments ``k`` and later, and the output built from it.
+    """Remove the work of the previous run's segments ``k`` and later, and the stats and report built from it.
 
     Segment ``k``'s fit view (``view-k``) stays: the unchanged segment ``k-1`` wrote it.  The column groups of
     the segments the new pipeline still has (``n_new``) stay too: the redone segments write a new generation
@@ -166,7 +166,9 @@ def invalidate(layout: Layout, prev: list[dict[str, Any]], k: int, n_new: int | 
         for sid, _, _ in rec["stages"]:
             fs.remove(layout.state(sid))
             fs.remove(layout.timing / f"fit-{sid}.json")
-    for p in (layout.data, layout.rejected, layout.stats, layout.report):
+    # data/ and rejected/ stay until the last segment rewrites each shard's files, or keeps them where it
+    # carries the shard (curate.runners.carry); stats.json and the report say the output is whole: they go now
+    for p in (layout.stats, layout.report):
         fs.remove(p)
 
 

@@ -301,6 +301,10 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
                   caches: dict[int, RowCache] | None = None) -> None:
     """Run the segments in order; only the shards without a done marker are run again.
 
+    In a segment redone for an append, a retry or a changed stage (a new generation), a shard whose column
+    group would come out as the previous generation's is carried forward instead (see
+    :mod:`curate.runners.carry`); the others run.
+
     Each segment reads only the rows still live at its start (see ``curate.runners.flow``); a global
     stage's ``fit`` reads the per-shard views the previous segment wrote (segment 0: the ingest shards).
     """
@@ -329,6 +333,15 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
             runner.fit(seg.head, fit_inputs, sum(entering.values()), layout)
         job.inputs = {sh: base[sh] for sh in pending}
         job.expected_rows = {sh: entering[sh] for sh in pending}
+        carried = {info["shard"] for info in runner.carry(job, pending)}
+        if carried:
+            log.info("segment %d: %d of %d shards carried forward unchanged from the previous generation",
+                     seg.index, len(carried), len(pending))
+            pending = [sh for sh in pending if sh not in carried]
+            job.inputs = {sh: base[sh] for sh in pending}
+            job.expected_rows = {sh: entering[sh] for sh in pending}
+            if not pending:
+                continue
         log.info("segment %d (%s): %d of %d shards to do, %d rows live", seg.index,
                  ", ".join(s.id for s in seg.stages), len(pending), len(base), sum(job.expected_rows.values()))
         timing = runner.run_segment(job)

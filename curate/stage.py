@@ -244,7 +244,8 @@ def apply_to_active(stage: "Stage", table: pa.Table) -> pa.Table:
     with the same row fingerprint) takes it instead of running the stage again.  The rows the stage ran on
     are flagged in ``__rn:SID`` (counted per shard)."""
     missing = [c for c in stage.needs if c not in table.column_names]
-    if missing:
+    if missing and table.num_rows:  # no row: nothing to run (a shard whose rows were all rejected before a
+        # segment of actor pools gets no column of it on the Ray runner)
         raise StageError(f"stage {stage.id!r} needs column(s) {missing} that no earlier stage produced")
     fields = stage.output_fields()
     active = pc.is_null(table[S.REJECT_REASON])

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -223,3 +224,54 @@ def test_an_append_and_a_retry_killed_half_way_resume_exactly(demo_input, demo_s
         for p in seg.glob("*.parquet"):
             gens.setdefault(p.name.split("~")[0], set()).add(p.name.split("~")[1])
         assert all(len(g) == 1 for g in gens.values()), (seg.name, gens)
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.parquet")}
+
+
+@pytest.mark.parametrize("runner", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_an_append_that_changes_no_decision_carries_every_old_shard(runner, demo_input, demo_server, tmp_path,
+                                                                     request):
+    """Appended rows that all fail to download change no fit: every old shard's column group of every segment is
+    carried forward (its parts linked, no row read or run), its data/ and rejected/ files are not even rewritten,
+    and the output is a fresh run's.  The carried groups are those of the older generation, byte for byte."""
+    import curate
+
+    if runner == "ray":
+        request.getfixturevalue("ray_cluster")
+    over = {"runner.kind": runner, "input.shard_size": 50}
+    t = pq.read_table(demo_input)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(t, folder / "b.parquet")
+    out = tmp_path / "out"
+    curate.run(demo_config(folder, out, **over))
+    before = {sub: _files(out / sub) for sub in ("data", "rejected")}
+    def key(p: Path) -> tuple[str, str, str]:  # segment, shard, positions: the name less the generation
+        return p.parent.name, p.name.split("~")[0], p.name.split("~", 2)[2]
+
+    groups = {key(p): p.read_bytes() for p in (out / "_work").glob("seg-*/*.parquet")}
+    lost = t.slice(0, 4)
+    lost = lost.set_column(lost.schema.get_field_index("uid"), "uid",
+                           pa.array([f"gone-{i}" for i in range(4)])) \
+        .set_column(lost.schema.get_field_index("url"), "url",
+                    pa.array([f"{demo_server.base_url}/no-such-photo-{i}.jpg" for i in range(4)]))
+    pq.write_table(lost, folder / "a.parquet")
+    curate.run(demo_config(folder, out, **over), append=True)
+
+    old = {n[:-len(".parquet")] for n in before["data"]}
+    for d in sorted((out / "_work" / "done").glob("seg-*")):
+        markers = {p.stem: json.loads(p.read_text()) for p in d.glob("*.json")}
+        assert {s for s, m in markers.items() if m.get("carried")} == old, d.name
+    for sub in ("data", "rejected"):
+        now = _files(out / sub)
+        assert {n: now[n] for n in before[sub]} == before[sub], f"{sub}/ files of old shards were rewritten"
+    carried = [p for p in (out / "_work").glob("seg-*/*.parquet") if key(p) in groups]
+    assert len(carried) == len(groups)
+    assert all(p.read_bytes() == groups[key(p)] for p in carried)
+    ran = _computed(out)
+    assert ran["download"] == 4 and ran["clip_embed"] == 0 and ran["recaption"] == 0, ran
+    fresh = tmp_path / "fresh"
+    curate.run(demo_config(folder, fresh, **over))
+    _same_output(out, fresh)

@@ -161,6 +161,37 @@ def _escape(s: str) -> str:
     return glob.escape(s)
 
 
+def copy(src: Any, dst: Any) -> None:
+    """``dst`` becomes a copy of the file ``src``, whole or not at all: locally a hard link (no bytes copied;
+    a plain copy where links fail) put in place by a rename, on object storage a server-side copy."""
+    src, dst = as_path(src), as_path(dst)
+    if is_uri(dst):
+        dst.fs.copy(src.path, dst.path)
+        return
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def identity(p: Any) -> list | None:
+    """What tells one version of a file from another without reading it: size, modification time in
+    nanoseconds and inode (a rewrite renames a new file into place); object storage: size and ETag.  None if
+    it does not exist."""
+    p = as_path(p)
+    try:
+        if is_uri(p):
+            info = p.fs.info(p.path)
+            return [info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("LastModified"))]
+        st = p.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def read_bytes(p: Any) -> bytes:
     """The whole file; an object in one GET (no HEAD first: the work folder's files are small)."""
     p = as_path(p)

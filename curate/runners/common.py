@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate import schema as S
+from curate.io import fs
 from curate.io.files import ROW_GROUP_BYTES, ROW_GROUP_ROWS, write_json_atomic, write_parquet_atomic
 from curate.layout import Layout
-from curate.runners.flow import (POS, RowCache, ShardRows, attach_cache, group_columns, live, prune_old, read_group,
-                                 view_sources, write_group, write_view)
+from curate.runners.flow import (POS, RowCache, ShardRows, attach_cache, cert_path, group_columns, live, prune_old,
+                                 read_group, view_sources, write_group, write_view)
 from curate.stage import COMPUTED, GlobalStage, Stage, annotate_rejected
 from curate.stats import funnel
 
@@ -78,6 +79,10 @@ class SegmentJob:
         if self.cache is not None:
             return list(dict.fromkeys(c for sid in self.cache.order for c in self.cache.produces.get(sid, [])))
         return self.segment.produces
+
+    def output_settings(self) -> list:
+        """How the last segment writes data/ and rejected/ (a carried shard's files must have been written so)."""
+        return [self.compression, self.row_group_rows, self.row_group_bytes]
 
     def done_marker(self, shard: str) -> Path:
         return self.layout.done(f"seg-{self.segment.index}") / f"{shard}.json"
@@ -173,7 +178,8 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
     k = job.segment.index
     timing = dict(timing or {})
     info: dict[str, Any] = {"shard": shard, "run": job.run_id,
-                            "computed": computed_counts(table, timing), "seconds": timing}
+                            "computed": computed_counts(table, timing), "seconds": timing,
+                            "content": content_id(job, k)}
     if not job.final:
         if table is not None:
             path = write_group(job.layout, k, shard, table, job.produces, job.compression, job.cache)
@@ -200,13 +206,33 @@ def finish_shard(job: SegmentJob, shard: str, table: pa.Table | None = None,
         gone.append(S.conform(out.filter(pc.is_valid(out[S.REJECT_REASON])), job.schema))
         rejected = sort_shard(pa.concat_tables(gone))
         bounds = {"row_group_rows": job.row_group_rows, "row_group_bytes": job.row_group_bytes}
-        write_parquet_atomic(kept, job.layout.data / f"{shard}.parquet", job.compression, **bounds)
-        write_parquet_atomic(rejected, job.layout.rejected / f"{shard}.parquet", job.compression, **bounds)
-        info.update(rows=out.num_rows, live=kept.num_rows,
-                    stats=shard_stats(pa.concat_tables([kept, rejected]), job.stage_ids))
+        files = [job.layout.data / f"{shard}.parquet", job.layout.rejected / f"{shard}.parquet"]
+        write_parquet_atomic(kept, files[0], job.compression, **bounds)
+        write_parquet_atomic(rejected, files[1], job.compression, **bounds)
+        info.update(rows=out.num_rows, live=kept.num_rows, output=job.output_settings(),
+                    stats=shard_stats(pa.concat_tables([kept, rejected]), job.stage_ids),
+                    built_from=built_from(job, shard), files=[fs.identity(f) for f in files])
     write_json_atomic(info, job.done_marker(shard))
+    write_json_atomic(info, cert_path(job.layout, k, shard, job.layout.gen(k)))  # after the marker: see cert_path
     prune_old(job.layout, k, shard)  # the older generation served as the row cache; the marker vouches for this one
     return info
+
+
+def content_id(job: SegmentJob, k: int) -> str:
+    """A name for what a segment computed of a shard in this run (a carried group keeps the name it had)."""
+    return f"{job.run_id}:{k}:{job.layout.gen(k)}"
+
+
+def built_from(job: SegmentJob, shard: str) -> list[str | None]:
+    """The content names of the shard's column groups of the segments before the last one (their done markers):
+    the rows its data/ and rejected/ files were made from."""
+    out = []
+    for j in range(job.segment.index):
+        try:
+            out.append(fs.read_json(job.layout.done(f"seg-{j}") / f"{shard}.json").get("content"))
+        except FileNotFoundError:
+            out.append(None)
+    return out
 
 
 def computed_counts(table: pa.Table | None, timing: dict[str, float]) -> dict[str, int]:

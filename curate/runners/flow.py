@@ -58,20 +58,34 @@ def group_files(layout: Layout, k: int, shard: str, files: list[Any] | None = No
     return [f for f in (all_group_files(layout, k, shard) if files is None else files) if part_gen(f.name) == g]
 
 
+def cert_path(layout: Layout, k: int, shard: str, gen: int) -> Any:
+    """The *certificate* of a shard's column group of segment ``k`` in generation ``gen``: a copy of its done
+    marker, written after it, kept next to the parts (an invalidated run deletes the markers, not the parts).
+    It vouches that the generation's parts are the shard's whole group: a later generation may carry them
+    forward unchanged (:mod:`curate.runners.carry`)."""
+    return layout.segment_out(k) / f"{shard}~g{gen}~done.json"
+
+
+def group_certs(layout: Layout, k: int, shard: str) -> dict[int, Any]:
+    """Generation -> the certificate of segment ``k``'s group of a shard, for each generation that has one."""
+    return {part_gen(f.name): f for f in fs.listdir(layout.segment_out(k), prefix=f"{shard}~", suffix="~done.json")}
+
+
 def remove_group(layout: Layout, k: int, shard: str) -> None:
     """Drop what an interrupted run wrote of a shard's column group (this generation's parts only: the older
     ones are the row cache)."""
     for f in group_files(layout, k, shard):
         fs.remove(f)
+    fs.remove(cert_path(layout, k, shard, layout.gen(k)))
 
 
 def prune_old(layout: Layout, k: int, shard: str) -> None:
-    """Drop the parts of older generations once the shard's segment is done in this one."""
+    """Drop the parts (and certificates) of older generations once the shard's segment is done in this one."""
     g = layout.gen(k)
     if g == 0:
         return
-    for f in all_group_files(layout, k, shard):
-        if part_gen(f.name) < g:
+    for f in fs.listdir(layout.segment_out(k), prefix=f"{shard}~"):
+        if (f.name.endswith(".parquet") or f.name.endswith("~done.json")) and part_gen(f.name) < g:
             fs.remove(f)
 
 
