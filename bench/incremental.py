@@ -46,10 +46,15 @@ def _set(cfg: dict, stage: str, **params) -> None:
             st.update(params)
 
 
-def carried(out: Path) -> list[int]:
-    """Per segment, the shards whose column group the run carried forward unchanged (done markers)."""
+def carried(out: Path, since: float) -> list[int | str]:
+    """Per segment, the shards whose column group the run (started at ``since``) carried forward unchanged, from
+    its done markers; "-": the run did not redo the segment (its markers are older)."""
     done = sorted((out / "_work" / "done").glob("seg-*"), key=lambda d: int(d.name[4:]))
-    return [sum(bool(json.loads(p.read_text()).get("carried")) for p in d.glob("*.json")) for d in done]
+    out_: list[int | str] = []
+    for d in done:
+        mine = [p for p in d.glob("*.json") if p.stat().st_mtime >= since]
+        out_.append(sum(bool(json.loads(p.read_text()).get("carried")) for p in mine) if mine else "-")
+    return out_
 
 
 def main() -> None:
@@ -101,7 +106,7 @@ def main() -> None:
                 for stage, params in change.items():
                     _set(cfg, stage, **params)
                 (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-                hits, t0 = server.hits, time.perf_counter()
+                hits, t0, since = server.hits, time.perf_counter(), time.time()
                 done = subprocess.run([sys.executable, "-m", "curate.cli", "-q", "run", str(work / "cfg.yaml"), *flags],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 dt = time.perf_counter() - t0
@@ -112,7 +117,7 @@ def main() -> None:
                 ran = {s["id"]: s.get("rows_computed", 0) for s in stats["stages"]}
                 print(f"{name:<34} {dt:7.1f}s {dt / first:8.2f}x {server.hits - hits:9d}  {'':>14}"
                       + " ".join(f"{ran.get(s, 0):>18}" for s in MODEL_STAGES)
-                      + f"   {'/'.join(str(n) for n in carried(work / 'out'))}", flush=True)
+                      + f"   {'/'.join(str(n) for n in carried(work / 'out', since))}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
