@@ -275,3 +275,16 @@ def test_an_append_that_changes_no_decision_carries_every_old_shard(runner, demo
     fresh = tmp_path / "fresh"
     curate.run(demo_config(folder, fresh, **over))
     _same_output(out, fresh)
+    if runner == "ray":
+        return
+    # a file with a column no other file has: every shard's data/ and rejected/ get it (null in the old rows),
+    # so the last segment keeps no old shard's files (its certificate names the output schema)
+    more = lost.set_column(lost.schema.get_field_index("uid"), "uid", pa.array([f"more-{i}" for i in range(4)]))
+    pq.write_table(more.append_column("license", pa.array(["cc-by"] * 4)), folder / "c.parquet")
+    curate.run(demo_config(folder, out, **over), append=True)
+    last = max((out / "_work" / "done").glob("seg-*"), key=lambda d: int(d.name[4:]))
+    assert not [p for p in last.glob("*.json") if json.loads(p.read_text()).get("carried")]
+    assert "license" in read_dir(out / "data").column_names
+    fresh = tmp_path / "fresh2"
+    curate.run(demo_config(folder, fresh, **over))
+    _same_output(out, fresh)

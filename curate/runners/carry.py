@@ -42,7 +42,7 @@ from curate.io import fs
 from curate.io.files import write_json_atomic
 from curate.io.views import read_view_columns
 from curate.runners.common import SegmentJob, built_from
-from curate.runners.flow import (CACHE_META, POS, _first_per_position, all_group_files, cert_path, group_certs, live,
+from curate.runners.flow import (CACHE_META, POS, all_group_files, cert_path, first_per_position, group_certs, live,
                                  part_gen, prune_old, read_base, read_group, remove_group, view_path, view_sources,
                                  write_view)
 from curate.stage import GlobalStage
@@ -175,7 +175,7 @@ def _why_not(job: SegmentJob, head: GlobalStage | None, shard: str, cert: dict,
         return "another number of rows enters it", None
     if job.final:
         if cert.get("output") != job.output_settings() or "stats" not in cert:
-            return "data/ and rejected/ were written with other output settings", None
+            return "data/ and rejected/ were written with another schema or other output settings", None
         if None in cert.get("built_from", [None]) or built_from(job, shard) != cert["built_from"]:
             return "an earlier segment's column group changed", None
         if cert.get("files") != [fs.identity(layout.data / f"{shard}.parquet"),
@@ -190,7 +190,7 @@ def _why_not(job: SegmentJob, head: GlobalStage | None, shard: str, cert: dict,
         return "its stages or their parameters changed", None
     made = [f.name for f in head.output_fields()] if head is not None else []
     cols = list(dict.fromkeys([POS, *_REJECT, *made]))
-    old = _first_per_position(pa.concat_tables(
+    old = first_per_position(pa.concat_tables(
         [fs.read_table(f, columns=[c for c in cols if c in fs.read_schema(f).names]) for f in parts],
         promote_options="permissive").sort_by(POS))
     for c in _REJECT:

@@ -81,8 +81,12 @@ class SegmentJob:
         return self.segment.produces
 
     def output_settings(self) -> list:
-        """How the last segment writes data/ and rejected/ (a carried shard's files must have been written so)."""
-        return [self.compression, self.row_group_rows, self.row_group_bytes]
+        """How the last segment writes data/ and rejected/ (a carried shard's files must have been written so):
+        the output schema (an appended file may bring a column every shard then has) and the file settings."""
+        import hashlib
+
+        schema = hashlib.sha256(self.schema.remove_metadata().serialize().to_pybytes()).hexdigest()[:16]
+        return [schema, self.compression, self.row_group_rows, self.row_group_bytes]
 
     def done_marker(self, shard: str) -> Path:
         return self.layout.done(f"seg-{self.segment.index}") / f"{shard}.json"

@@ -118,10 +118,10 @@ def read_group(layout: Layout, k: int, shard: str, columns: list[str] | None = N
     if known is not None and columns is None:
         known.names.update({str(f): t.column_names for f, t in zip(files, parts)})
     # a retried batch written twice: identical rows
-    return _first_per_position(pa.concat_tables(parts, promote_options="permissive").sort_by(POS))
+    return first_per_position(pa.concat_tables(parts, promote_options="permissive").sort_by(POS))
 
 
-def _first_per_position(t: pa.Table) -> pa.Table:
+def first_per_position(t: pa.Table) -> pa.Table:
     """The first row of each run of equal positions of a table sorted by position."""
     pos = t[POS].to_numpy()
     if len(pos) > 1 and (pos[1:] == pos[:-1]).any():
@@ -384,7 +384,7 @@ def attach_cache(layout: Layout, k: int, shard: str, table: pa.Table, cache: Row
             found.setdefault(sid, []).append(part)
     pos = table[POS]
     for sid, parts in found.items():
-        m = _first_per_position(  # the newest generation's result of each row
+        m = first_per_position(  # the newest generation's result of each row
             pa.concat_tables(parts, promote_options="permissive").sort_by([(POS, "ascending"), ("__gen", "descending")]))
         idx = pc.index_in(pos, value_set=m[POS])
         table = table.append_column(HIT + sid, pc.is_valid(idx))
