@@ -142,6 +142,17 @@ def read_view(path: str | Path, columns: list[str] | None = None, con: Any = Non
 
 
 
+def first_per_position(t: pa.Table) -> pa.Table:
+    """The first row of each run of equal ``__pos`` of a table sorted by it (a retried Ray batch wrote a part
+    twice: identical rows, one kept)."""
+    import numpy as np
+
+    pos = t[POS].to_numpy()
+    if len(pos) > 1 and (pos[1:] == pos[:-1]).any():
+        t = t.filter(pa.array(np.r_[True, pos[1:] != pos[:-1]]))
+    return t
+
+
 def read_view_columns(path: str | Path, columns: list[str]) -> pa.Table:
     """The rows of a fit view with those of ``columns`` it holds, and ``__pos``, read file by file with pyarrow:
     a few columns of one shard without the start-up of a DuckDB query (:func:`read_view` reads whole fits)."""
@@ -165,10 +176,7 @@ def read_view_columns(path: str | Path, columns: list[str]) -> pa.Table:
             for f in files:
                 names = fs.read_schema(f).names
                 parts.append(fs.read_table(f, columns=[POS] + [c for c in cols if c in names]))
-            t = pa.concat_tables(parts, promote_options="permissive").sort_by(POS)
-            p = t[POS].to_numpy()
-            if len(p) > 1 and (p[1:] == p[:-1]).any():  # a retried Ray batch wrote a part twice: one kept
-                t = t.filter(pa.array(np.r_[True, p[1:] != p[:-1]]))
+            t = first_per_position(pa.concat_tables(parts, promote_options="permissive").sort_by(POS))
         idx = pc.index_in(pos, value_set=t[POS])
         for c in cols:
             if c in t.column_names:

@@ -16,7 +16,7 @@ from curate.io.files import InputError, write_bytes_atomic, write_json_atomic
 from curate.io.manifest import Entry, entry_change, file_entry, file_id, file_key
 from curate.io.remote import input_path
 from curate.layout import Layout
-from curate.runners.carry import carry_task
+from curate.runners.carry import can_carry, carry_task
 from curate.runners.common import SegmentJob
 from curate.stage import GlobalStage
 
@@ -107,14 +107,13 @@ class Runner:
         """Carry the shards whose group of a redone segment is the previous generation's unchanged
         (:mod:`curate.runners.carry`), in chunks run by this runner's ``map``; their done-marker infos.
         ``job``: the segment with the inputs and expected rows of ``shards``."""
-        if not shards or job.layout.gen(job.segment.index) == 0:
+        if not shards or not can_carry(job):  # no task is started for a segment done for the first time
             return []
         light = job.light()
         light.inputs, light.expected_rows = job.inputs, job.expected_rows
-        annotates = any(st.applies_to == "all" for st in job.segment.stages)
         n = max(1, min(len(shards), 4 * self.parallelism))
         chunks = [shards[i::n] for i in range(n)]
-        done = self.map(carry_task, [(light, job.segment.head, chunk, annotates) for chunk in chunks])
+        done = self.map(carry_task, [(light, job.segment.head, chunk) for chunk in chunks])
         return [info for infos in done for info in infos]
 
     def run_segment(self, job: SegmentJob) -> dict[str, float]:

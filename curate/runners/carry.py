@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
@@ -40,9 +39,9 @@ import pyarrow.compute as pc
 from curate import schema as S
 from curate.io import fs
 from curate.io.files import write_json_atomic
-from curate.io.views import read_view_columns
+from curate.io.views import first_per_position, read_view_columns
 from curate.runners.common import SegmentJob, built_from
-from curate.runners.flow import (CACHE_META, POS, all_group_files, cert_path, first_per_position, group_certs, live,
+from curate.runners.flow import (CACHE_META, POS, all_group_files, cert_path, group_certs, live,
                                  part_gen, prune_old, read_base, read_group, remove_group, view_path, view_sources,
                                  write_view)
 from curate.stage import GlobalStage
@@ -53,17 +52,21 @@ log = logging.getLogger(__name__)
 _REJECT = [S.REJECT_STAGE, S.REJECT_REASON, S.REJECT_DETAIL, S.ERROR_TYPE]
 
 
-def carry_shards(job: SegmentJob, head: GlobalStage | None, shards: list[str],
-                 annotates: bool) -> list[dict[str, Any]]:
-    """Carry what can be carried of ``shards`` (each in ``job.inputs``); returns the done-marker infos of the
-    shards carried.  ``annotates``: a stage of the segment sees rejected rows too (the last segment is then
-    never carried)."""
-    if job.layout.gen(job.segment.index) == 0 or job.cache is None or (job.final and annotates):
-        return []
+def can_carry(job: SegmentJob) -> bool:
+    """Whether any shard of the segment may be carried: it is redone (an older generation exists), it has a
+    row cache, and it is not a last segment with a stage that annotates rejected rows (their annotation
+    is never cached)."""
+    annotates = any(st.applies_to == "all" for st in job.segment.stages)
+    return job.layout.gen(job.segment.index) > 0 and job.cache is not None and not (job.final and annotates)
+
+
+def carry_shards(job: SegmentJob, head: GlobalStage | None, shards: list[str]) -> list[dict[str, Any]]:
+    """Carry what can be carried of ``shards`` (each in ``job.inputs``; :func:`can_carry` holds); returns the
+    done-marker infos of the shards carried."""
     return [info for shard in shards if (info := _carry(job, head, shard)) is not None]
 
 
-def carry_task(args: tuple[SegmentJob, GlobalStage | None, list[str], bool]) -> list[dict[str, Any]]:
+def carry_task(args: tuple[SegmentJob, GlobalStage | None, list[str]]) -> list[dict[str, Any]]:
     """:func:`carry_shards` as one item of a runner's ``map`` (a chunk of shards)."""
     return carry_shards(*args)
 
@@ -91,12 +94,8 @@ def _same_stages(job: SegmentJob, head: GlobalStage | None, part: Any) -> bool:
 
 def _retried(job: SegmentJob, old: pa.Table) -> bool:
     """A row of the old group was rejected with an error type ``--retry-failed`` fetches again."""
-    for sid, pats in job.cache.retry.items():
-        hit = old.filter(pc.equal(old[S.REJECT_STAGE], sid))
-        for e in set(hit[S.ERROR_TYPE].to_pylist()) if hit.num_rows else ():
-            if e is not None and any(fnmatchcase(e, p) for p in pats):
-                return True
-    return False
+    return any(job.cache.retried(sid, e)
+               for sid, e in zip(old[S.REJECT_STAGE].to_pylist(), old[S.ERROR_TYPE].to_pylist()) if sid is not None)
 
 
 def _strings(t: pa.Table, c: str) -> pa.Array:
@@ -181,9 +180,7 @@ def _why_not(job: SegmentJob, head: GlobalStage | None, shard: str, cert: dict,
         if cert.get("files") != [fs.identity(layout.data / f"{shard}.parquet"),
                                  fs.identity(layout.rejected / f"{shard}.parquet")]:
             return "data/ or rejected/ is not the file it wrote", None
-    entering = _entering_positions(job, shard)
-    if len(entering) != cert["rows"]:
-        return "another number of rows enters it", None
+    entering = _entering_positions(job, shard)  # compared with the old group's positions below
     if not parts:
         return (None, entering) if not len(entering) else ("its parts are gone", None)
     if not _same_stages(job, head, parts[0]):

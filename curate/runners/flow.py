@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from curate import schema as S
 from curate.io import fs
 from curate.io.files import write_parquet_atomic
-from curate.io.views import BASE, POS, REFS
+from curate.io.views import BASE, POS, REFS, first_per_position
 from curate.io.views import read_view, view_refs, view_schema  # noqa: F401 - their old names (tests import them)
 from curate.layout import Layout
 from curate.stage import DETAIL, ERROR, HIT, REASON, VALUE
@@ -119,14 +119,6 @@ def read_group(layout: Layout, k: int, shard: str, columns: list[str] | None = N
         known.names.update({str(f): t.column_names for f, t in zip(files, parts)})
     # a retried batch written twice: identical rows
     return first_per_position(pa.concat_tables(parts, promote_options="permissive").sort_by(POS))
-
-
-def first_per_position(t: pa.Table) -> pa.Table:
-    """The first row of each run of equal positions of a table sorted by position."""
-    pos = t[POS].to_numpy()
-    if len(pos) > 1 and (pos[1:] == pos[:-1]).any():
-        t = t.filter(pa.array(np.r_[True, pos[1:] != pos[:-1]]))
-    return t
 
 
 def group_columns(table: pa.Table, produced: Iterable[str]) -> list[str]:
@@ -319,6 +311,10 @@ class RowCache:
     def reusable(self) -> list[str]:
         return [sid for sid in self.order if self.fps.get(sid)]
 
+    def retried(self, sid: str, error: str | None) -> bool:
+        """Whether a row stage ``sid`` rejected with error type ``error`` is run again (``--retry-failed``)."""
+        return error is not None and any(fnmatchcase(error, p) for p in self.retry.get(sid, ()))
+
 
 def _cached_rows(t: pa.Table, gen: int, cache: RowCache) -> dict[str, pa.Table]:
     """Stage id -> the results one older part holds for it (positions, values, rejection), for the stages
@@ -349,8 +345,7 @@ def _cached_rows(t: pa.Table, gen: int, cache: RowCache) -> dict[str, pa.Table]:
             if errors is None:
                 errors = np.array(t[S.ERROR_TYPE].to_pylist() if S.ERROR_TYPE in t.column_names
                                   else [None] * t.num_rows, dtype=object)
-            pats = cache.retry[sid]
-            again = {e for e in set(errors[rejected_here]) if e is not None and any(fnmatchcase(e, p) for p in pats)}
+            again = {e for e in set(errors[rejected_here]) if cache.retried(sid, e)}
             ran &= ~(rejected_here & np.isin(errors, list(again)))
         if not ran.any():
             continue
