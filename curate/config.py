@@ -85,6 +85,10 @@ class RunnerConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray instance")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a locally started Ray instance")
     object_store_memory: int | None = Field(None, ge=75 * 1024**2, description="bytes, local Ray only")
+    actor_pools: Literal["auto", "always"] = Field(
+        "auto", description="Ray: where model stages run in Ray Data actor pools, streamed. auto: a segment with "
+        "a stage that holds a GPU; on CPUs a model segment runs one task per shard like the others, each worker "
+        "process loading the segment's models once. always: every segment with a model stage")
 
     @model_validator(mode="after")
     def _address_means_ray(self) -> "RunnerConfig":

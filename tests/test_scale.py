@@ -248,28 +248,40 @@ def test_ray_driver_killed_redoes_only_unfinished_shards(hostile_server, tmp_pat
 
 
 @pytest.mark.ray
-def test_ray_model_actor_killed_mid_stage(hostile_server, tmp_path, ray_cluster):
+@pytest.mark.parametrize("pools", ["always", "auto"])
+def test_ray_model_actor_killed_mid_stage(hostile_server, tmp_path, ray_cluster, pools):
+    """A worker process dies in clip_embed's segment: the clip_embed actor (``actor_pools: always``; Ray Data
+    restarts it and retries its batches) or, by default on CPUs, a worker running the segment's shard tasks
+    with the model loaded (Ray retries the task).  The output equals the local runner's."""
     inp = _photos(tmp_path / "in.parquet", hostile_server, 48, delay=0.2)
     extra = [{"stage": "clip_embed", "batch_size": 4}]
     killed: list[int] = []
+    segment = tmp_path / "ray" / "_work" / "done" / "seg-1"  # download | dedup_exact, phash, clip_embed
+
+    def victim(p: psutil.Process) -> bool:
+        if pools == "always":
+            return any("Stage_clip_embed" in a for a in p.cmdline())
+        return any("_shard_task" in a for a in p.cmdline()) and segment.is_dir() and any(segment.iterdir())
 
     def killer() -> None:
         end = time.time() + 240
         while time.time() < end and not killed:
             for p in psutil.Process().children(recursive=True):
                 try:
-                    if any("Stage_clip_embed" in a for a in p.cmdline()):
-                        time.sleep(1.0)  # let it take batches first
+                    if victim(p):
+                        time.sleep(1.0 if pools == "always" else 0.0)  # let it take batches first
                         p.kill()
                         killed.append(p.pid)
                         return
                 except psutil.Error:
                     continue
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    curate.run(_cfg(inp, tmp_path / "ray", "ray", 4, extra))
+    cfg = _cfg(inp, tmp_path / "ray", "ray", 4, extra)
+    cfg["runner"]["actor_pools"] = pools
+    curate.run(cfg)
     t.join(timeout=5)
     assert killed, "no clip_embed actor was found to kill"
     ref = tmp_path / "local"
@@ -303,31 +315,34 @@ def test_a_shard_without_live_rows_on_both_runners(hostile_server, tmp_path, ray
 def test_ray_reads_one_task_per_shard_not_fused_into_the_first_stage(tmp_path, ray_cluster, caplog):
     """Fused into the first stage, the read's one-row-per-shard input was bundled by that stage's batch
     size (in rows): a single task read -- and ran -- a whole segment while the other workers waited.
-    (A segment streams through Ray Data only when it has an actor-pool stage: caption_perplexity's model.)
-    A segment of task stages alone runs as one task per shard, without Ray Data."""
+    (A segment streams through Ray Data only with an actor-pool stage: caption_perplexity's model, with
+    ``runner.actor_pools: always`` on CPUs.)  Any other segment -- task stages alone, or a model stage on CPUs by
+    default -- runs as one task per shard, without Ray Data, and gives the same output."""
     import logging
 
     n, shard = 24, 4
     inp = tmp_path / "in.parquet"
     pq.write_table(pa.table({"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(n)],
                              "caption": [f"a caption with enough words {i}" for i in range(n)]}), inp)
-    for name, stages in (("model", [{"stage": "caption", "min_words": 3}, {"stage": "caption_perplexity"}]),
-                         ("tasks", [{"stage": "caption", "min_words": 3}])):
+    model = [{"stage": "caption", "min_words": 3}, {"stage": "caption_perplexity"}]
+    for name, stages, pools in (("pools", model, "always"), ("model", model, "auto"),
+                                ("tasks", [{"stage": "caption", "min_words": 3}], "auto")):
         caplog.clear()
         cfg = {"input": {"path": str(inp), "shard_size": shard}, "output": {"path": str(tmp_path / name)},
-               "runner": {"kind": "ray", "num_cpus": 2}, "stages": stages}
+               "runner": {"kind": "ray", "num_cpus": 2, "actor_pools": pools}, "stages": stages}
         with caplog.at_level(logging.DEBUG, logger="curate.runners.ray_runner"):
             curate.run(cfg)
         messages = [r.getMessage() for r in caplog.records]
         stats = "\n".join(m for m in messages if "Ray Data stats" in m)
         got = re.findall(r"Operator \d+ (\S+): (\d+) tasks executed", stats)
-        if name == "model":
+        if name == "pools":
             reads = [int(t) for op, t in got if op.startswith("MapBatches(_read_entering)")]
             assert reads == [n // shard], got  # its own operator, one task per shard
         else:
             assert not got, stats[:2000]
             assert f"segment 0: {n // shard} shards, one task each" in "\n".join(messages), messages
         assert read_dir(tmp_path / name / "data").num_rows == n
+    assert rows_by_uid(read_dir(tmp_path / "pools" / "data")) == rows_by_uid(read_dir(tmp_path / "model" / "data"))
 
 
 def test_a_view_reads_each_row_once_when_a_retried_batch_wrote_overlapping_parts(tmp_path):

@@ -1,9 +1,10 @@
 """The Ray runner: the same stage code, scheduled as Ray tasks or as a streaming Ray Data pipeline.
 
-A segment whose stages all run as tasks (filters, hashes, dedup lookups: no model) runs as one Ray
-task per shard doing all of it -- read, stages, write, done marker -- at most one per CPU, like the
-local runner's loop spread over the cluster.  A segment with a model stage streams through Ray Data:
-each map stage becomes a ``map_batches`` over pyarrow batches: stages that load models
+A segment runs as one Ray task per shard doing all of it -- read, stages, write, done marker -- at
+most one per CPU, like the local runner's loop spread over the cluster; a worker process keeps the
+segment's stage objects (models included) for every shard it runs.  A segment with a model stage that
+holds a GPU (or every model segment, with ``runner.actor_pools: always``) streams through Ray Data
+instead: each map stage becomes a ``map_batches`` over pyarrow batches: stages that load models
 (``Resources.stateful``) run in an actor pool (GPUs per actor from the config), the others as
 tasks.  The first operator reads the rows entering the segment per shard (live rows only, see
 :mod:`curate.runners.flow`); the last writes each batch's column-group part per shard and
@@ -53,13 +54,16 @@ MAX_FINISHING = 32  # shard finish tasks in flight (the driver's memory stays fl
 _STAGES: dict[Any, Any] = {}
 
 
-def _build_stage(params: dict, state: Any) -> Stage:
+def _build_stage(params: dict, state: Any, setup: bool = True) -> Stage:
+    """``setup=False``: the stage loads its model on the first batch with a row to run on (none when the row
+    cache holds every result)."""
     from curate import registry
 
     stage = registry.create(params)
     if state is not None:
         stage.set_state(state)
-    stage.ensure_setup()
+    if setup:
+        stage.ensure_setup()
     return stage
 
 
@@ -123,14 +127,15 @@ def _switch(key: str) -> None:
 
 
 def _segment_stages(params: list[dict], state: list | None, key: str) -> list[Stage]:
-    """This worker's set-up stages of segment run ``key``, built once per worker.  ``state``: ``[ObjectRef]``
-    of the head's fitted state, read only when building."""
+    """This worker's stages of segment run ``key``, built once per worker process and set up on their first
+    rows (a model segment's models are loaded once per worker, not per shard).  ``state``: ``[ObjectRef]`` of
+    the head's fitted state, read only when building."""
     _switch(key)
     if "all" not in _STAGES:
         import ray
 
         value = ray.get(state[0]) if state else None
-        _STAGES["all"] = [_build_stage(p, value if i == 0 else None) for i, p in enumerate(params)]
+        _STAGES["all"] = [_build_stage(p, value if i == 0 else None, setup=False) for i, p in enumerate(params)]
     return _STAGES["all"]
 
 
@@ -315,8 +320,8 @@ class RayRunner(Runner):
         return ds.map_batches(_stage_task, fn_args=(params, state, key, index), **common)
 
     def _run_by_shard(self, job: SegmentJob) -> None:
-        """A segment without actor-pool stages: one task per shard runs all of it (read, stages, write,
-        done marker), at most one task per CPU at a time.
+        """A segment without actor pools (see :meth:`streams`): one task per shard runs all of it (read, stages,
+        write, done marker), at most one task per CPU at a time.
 
         Streamed through Ray Data instead, such a segment costs a read task, a stage task, a write task
         and a finish task per shard, their blocks copied through the object store, and a worker process
@@ -328,6 +333,10 @@ class RayRunner(Runner):
 
         stages = job.segment.stages
         head = job.segment.head
+        for st in stages:
+            if st.resources.num_gpus > 0 and self.gpus == 0:
+                log.warning("stage %r asks for %s GPU per worker but the cluster has none: running it on CPUs",
+                            st.id, st.resources.num_gpus)
         params = [st.params.model_dump(mode="json") for st in stages]
         state = [ray.put(head.state)] if head is not None else None
         res = [st.resources for st in stages]
@@ -362,11 +371,28 @@ class RayRunner(Runner):
                 ray.get(done)
                 bar.advance(1)
 
+    def streams(self, stages: list[Stage]) -> bool:
+        """Whether a segment runs through Ray Data's actor pools (``runner.actor_pools``).
+
+        An actor pool pays off where a model holds a GPU: one model copy per GPU, fed by reads and writes that
+        run beside it.  On CPUs it only adds cost: a segment of the demo pipeline at 10,000 rows on 2 CPUs
+        started new actor processes for every model segment (torch imported and the model built again), a read,
+        a write part and a finish task per shard with their blocks copied through the object store, and Ray
+        Data's executor and helper actors; ``bench/scale.py`` measured the Ray runner at 1.23-1.30x the local
+        runner's CPU seconds that way.  So on CPUs a model segment runs one task per shard like any other, the
+        worker processes (reused across segments) loading its models once each."""
+        pools = [st for st in stages if st.resources.stateful]
+        if not pools:
+            return False
+        if self.cfg.actor_pools == "always":
+            return True
+        return self.gpus > 0 and any(st.resources.num_gpus > 0 for st in pools)
+
     def run_segment(self, job: SegmentJob) -> dict[str, float]:
         import ray
 
         self._size_up()
-        if not any(st.resources.stateful for st in job.segment.stages):
+        if not self.streams(job.segment.stages):
             self._run_by_shard(job)
             missing = sorted(set(job.inputs) - done_shards(job.layout, job.segment.index))
             if missing:
