@@ -375,12 +375,12 @@ class RayRunner(Runner):
         """Whether a segment runs through Ray Data's actor pools (``runner.actor_pools``).
 
         An actor pool pays off where a model holds a GPU: one model copy per GPU, fed by reads and writes that
-        run beside it.  On CPUs it only adds cost: a segment of the demo pipeline at 10,000 rows on 2 CPUs
-        started new actor processes for every model segment (torch imported and the model built again), a read,
-        a write part and a finish task per shard with their blocks copied through the object store, and Ray
-        Data's executor and helper actors; ``bench/scale.py`` measured the Ray runner at 1.23-1.30x the local
-        runner's CPU seconds that way.  So on CPUs a model segment runs one task per shard like any other, the
-        worker processes (reused across segments) loading its models once each."""
+        run beside it.  On CPUs it only adds cost: on the demo pipeline (10,000 rows, 2 CPUs) the pools started new
+        actor processes for every model segment (torch imported and the model built again), a read, a write part
+        and a finish task per shard with their blocks copied through the object store, and Ray Data's executor
+        and helper actors; ``bench/scale.py`` measured the Ray runner at 1.23-1.31x the local runner's CPU
+        seconds that way, and at 0.96-1.05x with a task per shard.  So on CPUs a model segment runs one task per
+        shard like any other, the worker processes (reused across segments) loading its models once each."""
         pools = [st for st in stages if st.resources.stateful]
         if not pools:
             return False
