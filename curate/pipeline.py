@@ -333,17 +333,16 @@ def _run_segments(config: Config, runner: Runner, layout: Layout, segments: list
             runner.fit(seg.head, fit_inputs, sum(entering.values()), layout)
         job.inputs = {sh: base[sh] for sh in pending}
         job.expected_rows = {sh: entering[sh] for sh in pending}
-        carried = {info["shard"] for info in runner.carry(job, pending)}
+        carried = [info["shard"] for info in runner.carry(job)]
         if carried:
             log.info("segment %d: %d of %d shards carried forward unchanged from the previous generation",
                      seg.index, len(carried), len(pending))
-            pending = [sh for sh in pending if sh not in carried]
-            job.inputs = {sh: base[sh] for sh in pending}
-            job.expected_rows = {sh: entering[sh] for sh in pending}
-            if not pending:
+            for sh in carried:
+                del job.inputs[sh], job.expected_rows[sh]
+            if not job.inputs:
                 continue
         log.info("segment %d (%s): %d of %d shards to do, %d rows live", seg.index,
-                 ", ".join(s.id for s in seg.stages), len(pending), len(base), sum(job.expected_rows.values()))
+                 ", ".join(s.id for s in seg.stages), len(job.inputs), len(base), sum(job.expected_rows.values()))
         timing = runner.run_segment(job)
         if timing:
             write_json_atomic(timing, layout.timing / f"seg{seg.index}-{run_id}.json")

@@ -213,13 +213,18 @@ def _arrow_args(p: Any) -> tuple[str, Any]:
     return (p.path, p.fs) if is_uri(p) else (str(p), None)
 
 
-def read_table(p: Any, **kw: Any) -> pa.Table:
+def read_table(p: Any, columns: list[str] | None = None, only_present: bool = False, **kw: Any) -> pa.Table:
     """A Parquet file as a table; an object is fetched whole in one GET (no HEAD, no ranged reads: the work
-    folder's files -- column groups, views, partitions -- are read whole or nearly so)."""
+    folder's files -- column groups, views, partitions -- are read whole or nearly so).  ``only_present``: of
+    ``columns``, those the file holds (a column group's part lacks the columns no row of it reached), taken
+    from the footer the read parses anyway, not from a read of the schema first."""
     path, fs = _arrow_args(p)
-    if fs is None:
-        return pq.read_table(path, **kw)
-    return pq.read_table(pa.BufferReader(fs.cat_file(path, start=0)), **kw)
+    src = path if fs is None else pa.BufferReader(fs.cat_file(path, start=0))
+    if only_present and columns is not None:
+        with pq.ParquetFile(src) as f:
+            names = set(f.schema_arrow.names)
+            return f.read(columns=[c for c in columns if c in names], **kw)
+    return pq.read_table(src, columns=columns, **kw)
 
 
 _TAIL = 64 << 10

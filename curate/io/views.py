@@ -172,10 +172,7 @@ def read_view_columns(path: str | Path, columns: list[str]) -> pa.Table:
             t = fs.read_table(base, columns=cols)
             t = t.append_column(POS, pa.array(np.arange(t.num_rows, dtype=np.int64)))
         else:
-            parts = []
-            for f in files:
-                names = fs.read_schema(f).names
-                parts.append(fs.read_table(f, columns=[POS] + [c for c in cols if c in names]))
+            parts = [fs.read_table(f, columns=[POS, *cols], only_present=True) for f in files]
             t = first_per_position(pa.concat_tables(parts, promote_options="permissive").sort_by(POS))
         idx = pc.index_in(pos, value_set=t[POS])
         for c in cols:

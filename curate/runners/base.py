@@ -103,10 +103,10 @@ class Runner:
         write_bytes_atomic(pickle.dumps(stage.state), state_file)
         write_json_atomic({stage.id: time.perf_counter() - t0}, layout.timing / f"fit-{stage.id}.json")
 
-    def carry(self, job: SegmentJob, shards: list[str]) -> list[dict[str, Any]]:
-        """Carry the shards whose group of a redone segment is the previous generation's unchanged
-        (:mod:`curate.runners.carry`), in chunks run by this runner's ``map``; their done-marker infos.
-        ``job``: the segment with the inputs and expected rows of ``shards``."""
+    def carry(self, job: SegmentJob) -> list[dict[str, Any]]:
+        """Carry the shards of ``job.inputs`` whose group of a redone segment is the previous generation's
+        unchanged (:mod:`curate.runners.carry`), in chunks run by this runner's ``map``; their done-marker infos."""
+        shards = list(job.inputs)
         if not shards or not can_carry(job):  # no task is started for a segment done for the first time
             return []
         light = job.light()

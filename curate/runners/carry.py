@@ -60,15 +60,11 @@ def can_carry(job: SegmentJob) -> bool:
     return job.layout.gen(job.segment.index) > 0 and job.cache is not None and not (job.final and annotates)
 
 
-def carry_shards(job: SegmentJob, head: GlobalStage | None, shards: list[str]) -> list[dict[str, Any]]:
-    """Carry what can be carried of ``shards`` (each in ``job.inputs``; :func:`can_carry` holds); returns the
-    done-marker infos of the shards carried."""
-    return [info for shard in shards if (info := _carry(job, head, shard)) is not None]
-
-
 def carry_task(args: tuple[SegmentJob, GlobalStage | None, list[str]]) -> list[dict[str, Any]]:
-    """:func:`carry_shards` as one item of a runner's ``map`` (a chunk of shards)."""
-    return carry_shards(*args)
+    """One item of a runner's ``map``: carry what can be carried of a chunk of shards (each in ``job.inputs``;
+    :func:`can_carry` holds); returns the done-marker infos of the shards carried."""
+    job, head, shards = args
+    return [info for shard in shards if (info := _carry(job, head, shard)) is not None]
 
 
 def _entering_positions(job: SegmentJob, shard: str) -> np.ndarray:
@@ -80,8 +76,9 @@ def _entering_positions(job: SegmentJob, shard: str) -> np.ndarray:
     return np.array([], np.int64) if g is None else live(g)[POS].to_numpy().astype(np.int64)
 
 
-def _same_stages(job: SegmentJob, head: GlobalStage | None, part: Any) -> bool:
-    raw = (fs.read_schema(part).metadata or {}).get(CACHE_META.encode())
+def _same_stages(job: SegmentJob, head: GlobalStage | None, schema: pa.Schema) -> bool:
+    """Whether a part of the old group (its ``schema``) was made by the segment's stages as they are now."""
+    raw = (schema.metadata or {}).get(CACHE_META.encode())
     if not raw:
         return False  # written before the row cache
     meta, cache = json.loads(raw), job.cache
@@ -183,12 +180,13 @@ def _why_not(job: SegmentJob, head: GlobalStage | None, shard: str, cert: dict,
     entering = _entering_positions(job, shard)  # compared with the old group's positions below
     if not parts:
         return (None, entering) if not len(entering) else ("its parts are gone", None)
-    if not _same_stages(job, head, parts[0]):
-        return "its stages or their parameters changed", None
     made = [f.name for f in head.output_fields()] if head is not None else []
     cols = list(dict.fromkeys([POS, *_REJECT, *made]))
+    first = fs.read_table(parts[0], columns=cols, only_present=True)
+    if not _same_stages(job, head, first.schema):  # before the other parts are read
+        return "its stages or their parameters changed", None
     old = first_per_position(pa.concat_tables(
-        [fs.read_table(f, columns=[c for c in cols if c in fs.read_schema(f).names]) for f in parts],
+        [first, *(fs.read_table(f, columns=cols, only_present=True) for f in parts[1:])],
         promote_options="permissive").sort_by(POS))
     for c in _REJECT:
         if c not in old.column_names:

@@ -290,6 +290,12 @@ class RayRunner(Runner):
         smallest node (where Ray may restart it when its node is lost)."""
         return max(0.05, min(res.num_cpus * factors[0], self.min_node_cpus - READ_CPUS))
 
+    def _warn_without_gpus(self, stages: list[Stage]) -> None:
+        for st in stages:
+            if st.resources.num_gpus > 0 and self.gpus == 0:
+                log.warning("stage %r asks for %s GPU per worker but the cluster has none: running it on CPUs",
+                            st.id, st.resources.num_gpus)
+
     def _add_stage(self, ds: Any, stage: Stage, index: int, state: list | None, key: str,
                    factors=(1.0, 1.0), max_rows: int | None = None, write: tuple | None = None,
                    tasks: int | None = None) -> Any:
@@ -304,10 +310,8 @@ class RayRunner(Runner):
         # a batch larger than a shard would merge shards into one block and serialise the stages after it
         batch_size = min(res.batch_size, max_rows) if max_rows else res.batch_size
         common = dict(batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus, **fs.ray_env())
-        if res.num_gpus > 0 and self.gpus == 0:
-            log.warning("stage %r asks for %s GPU per worker but the cluster has none: running it on CPUs",
-                        stage.id, res.num_gpus)
-        elif res.num_gpus > 0:
+        self._warn_without_gpus([stage])
+        if res.num_gpus > 0 and self.gpus > 0:
             common["num_gpus"] = res.num_gpus * factors[1]
         if res.stateful:
             lo, hi = self._pool_size(stage)
@@ -333,10 +337,7 @@ class RayRunner(Runner):
 
         stages = job.segment.stages
         head = job.segment.head
-        for st in stages:
-            if st.resources.num_gpus > 0 and self.gpus == 0:
-                log.warning("stage %r asks for %s GPU per worker but the cluster has none: running it on CPUs",
-                            st.id, st.resources.num_gpus)
+        self._warn_without_gpus(stages)
         params = [st.params.model_dump(mode="json") for st in stages]
         state = [ray.put(head.state)] if head is not None else None
         res = [st.resources for st in stages]
